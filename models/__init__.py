@@ -1,0 +1,1 @@
+"""A minimal Llama, checkpoint loaders, tokenizers, chat templates and generation."""

@@ -101,9 +101,9 @@ def test_ties_on_midpoints_match_the_scalar_reference():
 
 def test_codes_are_nearest_up_to_rounding():
     code = dynamic_map(True)
-    x = torch.rand(50_000) * 2 - 1
+    x = torch.rand(20_000) * 2 - 1
     x[0] = 1.0
-    codes, absmax = quantize_blockwise(x, code, blocksize=50_000)
+    codes, absmax = quantize_blockwise(x, code, blocksize=20_000)
     got = (x - code[codes.long()]).abs()
     best = (x[:, None] - code[None, :]).abs().min(dim=1).values
     assert (got <= best + 1e-7).all()

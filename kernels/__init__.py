@@ -1,1 +1,42 @@
-"""Triton kernels for NF4: dequantization and fused dequant-matmul. Imported only where used."""
+"""Triton kernels for NF4: dequantization and fused dequant-matmul.
+
+    kernels.dequantize_nf4(packed, state, dtype=torch.bfloat16) -> W (N, K)
+    kernels.matmul_nf4(x, packed, state, bias=None)             -> x @ W.T (+ bias)   (..., K) -> (..., N)
+    kernels.matmul_nf4_t(g, packed, state)                      -> g @ W              (..., N) -> (..., K)
+    kernels.reference.*                                          the same three in plain PyTorch
+
+`state` is any object with `absmax, nested_absmax (None without double quant), nested_code, offset,
+code, blocksize, shape` (quant.QuantState). The kernels run on CUDA tensors (or CPU tensors under
+TRITON_INTERPRET=1). Triton is imported only when a kernel is first called, so `import kernels`
+works without it; `kernels.available()` says whether the kernels can run here.
+"""
+import importlib.util
+
+import torch
+
+from kernels import reference
+
+__all__ = ["available", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "reference"]
+
+
+def available() -> bool:
+    """True when Triton is installed and a CUDA device is present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W as an (N, K) tensor of `dtype`, equal to kernels.reference.dequantize_nf4 bit for bit."""
+    from kernels.nf4_dequant import dequantize_nf4 as run
+    return run(packed, state, dtype)
+
+
+def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias), dispatched by the rows of x (kernels/nf4_matmul.py)."""
+    from kernels.nf4_matmul import matmul_nf4 as run
+    return run(x, packed, state, bias)
+
+
+def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """g @ W, the input gradient of x @ W.T."""
+    from kernels.nf4_matmul import matmul_nf4_t as run
+    return run(g, packed, state)

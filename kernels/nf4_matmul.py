@@ -1,0 +1,349 @@
+"""NF4 matmuls: y = x @ W.T (+ bias) and its input gradient g @ W, with W (N, K) stored in NF4.
+
+Tensor-core kernel (both directions; forward shown, g @ W swaps the roles of N and K):
+
+    for each program (n-tile, m-tile, split) (in parallel, grouped for L2 reuse):
+        acc = zeros(BLOCK_N, BLOCK_M)                                   float32, holds y.T
+        for k0 in this split's chunks of K:
+            w  = nf4_tile(rows n-tile, columns k0 : k0 + BLOCK_K)       (BLOCK_N, BLOCK_K), registers only
+            xt = x[m-tile, k0 : k0 + BLOCK_K].T                         (BLOCK_K, BLOCK_M)
+            acc = tl.dot(w.to(x.dtype), xt, acc)
+        y[m-tile, n-tile] = acc.T + bias      (SPLIT > 1: atomic add into a zeroed float32 y)
+
+Dispatch by M = rows of x (x flattened to (M, K)); the constants below are the knobs to set from
+measurements (benchmarks/nf4_matmul.py prints every strategy at every M):
+
+    M <= FMA_M_MAX       CUDA-core GEMV (kernels/nf4_gemv.py), split-K when N alone is too few programs
+    M <= SMALL_M_MAX     the tensor-core kernel with small-M tiles (BLOCK_M = 16), split-K likewise
+    larger M             LARGE_M_STRATEGY: "fused" (the kernel above with large tiles) or
+                         "dequantize" (W to a scratch buffer by kernels/nf4_dequant.py, then cuBLAS)
+
+Note [W as the left operand]
+    The kernel computes y.T = W @ x.T: the dequantized tile is tl.dot's left operand. Hopper's
+    wgmma reads its left operand from registers and only the right one from shared memory, so
+    the tile unpacked in registers can go straight into the tensor cores, and at small M the
+    tiny x.T becomes the narrow N side of the instruction (wgmma allows N = 16) instead of
+    padding M to 64. Whether Triton keeps the operand in registers is its choice; the layout
+    gives it the option.
+
+Note [two strategies for large M]
+    At large M the matmul is compute-bound. The fused kernel never writes W out, but unpacks each
+    W tile once per m-tile (cost ~ N*K*M/BLOCK_M lookups), and must match cuBLAS's tiles on its
+    own. "dequantize" writes W in bf16 once (2 bytes per weight: ~1% of a 4096-row matmul's time
+    at 3 TB/s) and then runs cuBLAS at full speed. Both are kept, both are benchmarked, and the
+    constant picks; the transposed product has its own constant because its tile shapes differ.
+
+Note [split-K for small M]
+    At small M the time is the time to stream W, so the grid must keep every SM busy. With
+    BLOCK_N rows per program there are only cdiv(N, BLOCK_N) programs; when that is fewer than
+    SPLIT_MIN_PROGRAMS the K loop is split over several programs whose partial sums are added
+    atomically into a zeroed float32 output, then cast. That costs two extra small launches
+    (zero, cast), so it is used only where the rows alone cannot fill the GPU.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.nf4_dequant import dequantize_nf4
+from kernels.nf4_gemv import gemv_kernel
+from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, store_output
+
+__all__ = ["matmul_nf4", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
+           "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
+           "split_for_small_m"]
+
+# Dispatch (see the module docstring). Set from H100 measurements.
+SMALL_M_MAX = 16              # M at or below: the small-M path
+FMA_M_MAX = 4                 # M at or below (within the small-M path): the CUDA-core GEMV
+LARGE_M_STRATEGY = "fused"    # x @ W.T above SMALL_M_MAX: "fused" or "dequantize"
+LARGE_M_STRATEGY_T = "fused"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
+
+# Split-K at small M (Note [split-K for small M]).
+SPLIT_MIN_PROGRAMS = 132      # one program per H100 SM
+SPLIT_ROWS_PER_PROGRAM = 32   # a typical small-M BLOCK_N, to estimate the programs without a split
+SPLIT_MAX = 8
+SPLIT_MIN_REDUCE = 512        # at least this much of the reduced dimension per split
+
+_M_BUCKET_MAX = 4096          # autotuning keys on next_power_of_2(M), capped here
+
+_SMALL_M_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 1}, num_warps=4, num_stages=s)
+    for n in (64, 128) for k in (64, 128, 256) for s in (3, 5)
+]
+_LARGE_M_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 8}, num_warps=w, num_stages=s)
+    for n, m, k, w, s in (
+        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 64, 64, 8, 4), (64, 256, 64, 8, 4),
+    )
+]
+# Under the interpreter: one config each, small tiles (odd test shapes still cross tile edges).
+_SMALL_M_INTERPRETER = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 1})
+_LARGE_M_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP": 2})
+# The transposed kernel reads BLOCK_K as its output tile and BLOCK_N as its reduction chunk.
+_T_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 2})
+_T_SMALL_M_INTERPRETER = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP": 1})
+
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "BLOCKSIZE", "WHOLE_BLOCKS", "DOUBLE_QUANT"]
+
+
+@triton.jit
+def _grouped(pid, num_pid_w, num_pid_m, GROUP: tl.constexpr):
+    """Program id -> (tile along W's output side, tile along M), walking GROUP W-tiles at a time
+    down all m-tiles, so programs that run together share W tiles and x tiles in L2."""
+    per_group = GROUP * num_pid_m
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(num_pid_w - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, bias_ptr, out_ptr,
+    # sizes and strides (M_BUCKET = next_power_of_2(M), capped: only an autotuning key)
+    M, N, K, row_bytes, stride_xm, stride_om, M_BUCKET,
+    # weight format
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,
+    # problem
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """out (M, N) = x (M, K) @ W.T (+ bias), computed as W @ x.T (Note [W as the left operand])."""
+    pid_n, pid_m = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP)
+    pid_split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # (BLOCK_M,)
+    chunks = tl.cdiv(K, BLOCK_K)
+    chunks_per_split = tl.cdiv(chunks, SPLIT)
+    first = pid_split * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, chunks)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T
+    for chunk in range(first, last):
+        k0 = chunk * BLOCK_K
+        w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                     offs_n, k0, N, K, row_bytes, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, WHOLE_BLOCKS,
+                     BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_rows[None, :] + offs_k[:, None],
+                     mask=(offs_k < K)[:, None] & (offs_m < M)[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
+        acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc, input_precision=DOT_PRECISION)
+    store_output(acc, offs_m[None, :], offs_n[:, None], out_ptr, stride_om, bias_ptr, M, N, pid_split,
+                 HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _matmul_t_kernel(
+    # pointers
+    g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, out_ptr,
+    # sizes and strides (M_BUCKET = next_power_of_2(M), capped: only an autotuning key)
+    M, N, K, row_bytes, stride_gm, stride_om, M_BUCKET,
+    # weight format
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,
+    # problem
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # meta-parameters: BLOCK_K tiles the output columns, BLOCK_N is the reduction chunk
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """out (M, K) = g (M, N) @ W, computed as W.T @ g.T with the W tile transposed in registers."""
+    pid_k, pid_m = _grouped(tl.program_id(0), tl.cdiv(K, BLOCK_K), tl.cdiv(M, BLOCK_M), GROUP)
+    pid_split = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    g_rows = g_ptr + offs_m.to(tl.int64) * stride_gm  # (BLOCK_M,)
+    chunks = tl.cdiv(N, BLOCK_N)
+    chunks_per_split = tl.cdiv(chunks, SPLIT)
+    first = pid_split * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, chunks)
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # out.T
+    for chunk in range(first, last):
+        offs_n = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                     offs_n, pid_k * BLOCK_K, N, K, row_bytes, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER,
+                     WHOLE_BLOCKS, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
+        gt = tl.load(g_rows[None, :] + offs_n[:, None],
+                     mask=(offs_n < N)[:, None] & (offs_m < M)[None, :], other=0.0)  # (BLOCK_N, BLOCK_M)
+        acc = tl.dot(tl.trans(w.to(g_ptr.dtype.element_ty)), gt, acc, input_precision=DOT_PRECISION)
+    store_output(acc, offs_m[None, :], offs_k[:, None], out_ptr, stride_om, out_ptr, M, K, pid_split,
+                 False, SPLIT)
+
+
+def _autotuned(kernel, configs, interpreter_config):
+    return triton.autotune(configs=[interpreter_config] if interpreting() else configs, key=_KEY,
+                           reset_to_zero=["out_ptr"])(kernel)
+
+
+_matmul_small_m = _autotuned(_matmul_kernel, _SMALL_M_CONFIGS, _SMALL_M_INTERPRETER)
+_matmul_large_m = _autotuned(_matmul_kernel, _LARGE_M_CONFIGS, _LARGE_M_INTERPRETER)
+_matmul_t_small_m = _autotuned(_matmul_t_kernel, _SMALL_M_CONFIGS, _T_SMALL_M_INTERPRETER)
+_matmul_t_large_m = _autotuned(_matmul_t_kernel, _LARGE_M_CONFIGS, _T_INTERPRETER)
+
+
+# ----------------------------------------------------------------------------- checks and launches
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def split_for_small_m(n_out: int, n_reduce: int) -> int:
+    """How many programs share the reduction at small M (Note [split-K for small M])."""
+    programs = triton.cdiv(n_out, SPLIT_ROWS_PER_PROGRAM)
+    if programs >= SPLIT_MIN_PROGRAMS:
+        return 1
+    return max(1, min(SPLIT_MAX, triton.cdiv(SPLIT_MIN_PROGRAMS, programs), n_reduce // SPLIT_MIN_REDUCE))
+
+
+def _flat_input(x: torch.Tensor, width: int, name: str, what: str) -> torch.Tensor:
+    """x (..., width) as a row-major (M, width) view (copied only if its last dim is strided)."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: input must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise ValueError(f"{name}: input of shape {tuple(x.shape)} must end in {width} ({what})")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name}: Triton kernels need CUDA tensors, got {x.device}; "
+                         "use kernels.reference on the CPU")
+    x2d = x.reshape(-1, width)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _weight_args(weight: NF4Weight) -> tuple:
+    return weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code
+
+
+def _weight_meta(weight: NF4Weight) -> dict:
+    return dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+                OFFSET_IS_POINTER=weight.offset_is_pointer, WHOLE_BLOCKS=weight.whole_blocks)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), _M_BUCKET_MAX)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 inputs: no TF32 rounding
+
+
+def _new_output(m: int, width: int, dtype: torch.dtype, device, split: int) -> torch.Tensor:
+    if split > 1:
+        return torch.zeros((m, width), dtype=torch.float32, device=device)  # atomic partial sums
+    return torch.empty((m, width), dtype=dtype, device=device)
+
+
+def _finish(out: torch.Tensor, dtype: torch.dtype, lead_shape, width: int) -> torch.Tensor:
+    return out.to(dtype).view(*lead_shape, width)
+
+
+def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
+    if bias is None:
+        return
+    if bias.shape != (n_out,):
+        raise ValueError(f"matmul_nf4: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"matmul_nf4: bias is on {bias.device}, the input is on {device}")
+
+
+def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
+    """Launch x @ W.T on kernel_kind "fma" (GEMV), "small" or "large" (tensor-core tiles)."""
+    weight = nf4_weight(packed, state, x.device)
+    x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
+    _check_bias(bias, weight.n_rows, x.device)
+    m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
+    if split is None:
+        split = split_for_small_m(n, k)
+    out = _new_output(m, n, x.dtype, x.device, split)
+    if m > 0:
+        args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
+                m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
+        meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
+        if kernel_kind == "fma":
+            gemv_kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](
+                *args, **meta, BLOCK_M=triton.next_power_of_2(m))
+        else:
+            kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
+            grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)
+            kernel[grid](*args, **meta, M_BUCKET=_m_bucket(m), DOT_PRECISION=_dot_precision(x.dtype))
+    return _finish(out, x.dtype, x.shape[:-1], n)
+
+
+def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
+    """Launch g @ W on kernel_kind "small" or "large"."""
+    weight = nf4_weight(packed, state, g.device)
+    g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
+    m, n, k = g2d.shape[0], weight.n_rows, weight.n_cols
+    if split is None:
+        split = split_for_small_m(k, n)
+    out = _new_output(m, k, g.dtype, g.device, split)
+    if m > 0:
+        kernel = _matmul_t_small_m if kernel_kind == "small" else _matmul_t_large_m
+        grid = lambda c: (triton.cdiv(k, c["BLOCK_K"]) * triton.cdiv(m, c["BLOCK_M"]), split)
+        kernel[grid](g2d, *_weight_args(weight), out, m, n, k, weight.row_bytes, g2d.stride(0), out.stride(0),
+                     **_weight_meta(weight), SPLIT=split, M_BUCKET=_m_bucket(m),
+                     DOT_PRECISION=_dot_precision(g.dtype))
+    return _finish(out, g.dtype, g.shape[:-1], k)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias): (..., K) -> (..., N) in x's dtype, dispatched by M (module docstring)."""
+    m = math.prod(x.shape[:-1])
+    if m <= SMALL_M_MAX:
+        return matmul_nf4_small_m(x, packed, state, bias)
+    if LARGE_M_STRATEGY == "dequantize":
+        return matmul_nf4_dequantize(x, packed, state, bias)
+    return matmul_nf4_fused(x, packed, state, bias)
+
+
+def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                       split_k: int | None = None) -> torch.Tensor:
+    """The small-M path (any M works; it is tuned for M <= SMALL_M_MAX). split_k None: heuristic."""
+    m = math.prod(x.shape[:-1])
+    return _forward(x, packed, state, bias, split_k, "fma" if m <= FMA_M_MAX else "small")
+
+
+def matmul_nf4_fused(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                     split_k: int = 1) -> torch.Tensor:
+    """The fused large-M strategy: tensor-core tiles, W dequantized in registers only."""
+    return _forward(x, packed, state, bias, split_k, "large")
+
+
+def matmul_nf4_dequantize(x: torch.Tensor, packed: torch.Tensor, state,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The other large-M strategy: W to a scratch buffer in x's dtype, then cuBLAS."""
+    weight = nf4_weight(packed, state, x.device)
+    _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
+    _check_bias(bias, weight.n_rows, x.device)
+    return F.linear(x, dequantize_nf4(packed, state, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """g @ W: (..., N) -> (..., K) in g's dtype (the input gradient of x @ W.T), dispatched by M."""
+    m = math.prod(g.shape[:-1])
+    if m <= SMALL_M_MAX:
+        return matmul_nf4_t_small_m(g, packed, state)
+    if LARGE_M_STRATEGY_T == "dequantize":
+        return matmul_nf4_t_dequantize(g, packed, state)
+    return matmul_nf4_t_fused(g, packed, state)
+
+
+def matmul_nf4_t_small_m(g: torch.Tensor, packed: torch.Tensor, state, split_n: int | None = None) -> torch.Tensor:
+    """g @ W with small-M tiles; the reduction over N is split when K alone gives too few programs."""
+    return _transposed(g, packed, state, split_n, "small")
+
+
+def matmul_nf4_t_fused(g: torch.Tensor, packed: torch.Tensor, state, split_n: int = 1) -> torch.Tensor:
+    """g @ W with large tensor-core tiles, W dequantized in registers only."""
+    return _transposed(g, packed, state, split_n, "large")
+
+
+def matmul_nf4_t_dequantize(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """g @ W with W dequantized to a scratch buffer in g's dtype, then cuBLAS."""
+    weight = nf4_weight(packed, state, g.device)
+    _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
+    return g @ dequantize_nf4(packed, state, g.dtype)

@@ -1,0 +1,218 @@
+"""Reading an NF4 weight inside Triton kernels: the checked kernel arguments, block scales, W tiles.
+
+Every kernel in this package reads W the same way (kernels/reference.py states the formula):
+
+    scale[b]  = absmax[b]                                              without double quant
+              = nested_code[absmax[b]] * nested_absmax[b // 256] + offset   with double quant
+    W[n, k]   = code[nibble(n*K + k)] * scale[(n*K + k) // blocksize]       float32
+
+`nf4_tile` returns a float32 tile W[offs_n, k0 : k0 + BLOCK_K] in registers; kernels cast it to the
+operand dtype and feed it to `tl.dot` or to an FMA reduction. W never goes to memory.
+
+Note [two tile layouts]
+    When K % blocksize == 0 (every real model: K is a multiple of 64), each row of W starts on a
+    byte and on a block boundary. Then a tile row is BLOCK_K/2 contiguous bytes (one wide load),
+    the two nibbles of a byte are unpacked and interleaved with tl.join, and the scales are
+    decoded once per (row, block) and broadcast over the block: the double-quant decode costs one
+    gather per `blocksize` weights, not one per weight. Otherwise (K % blocksize != 0, or odd K so
+    rows start in the middle of a byte) the tile is read element by element from its flat index
+    e = n*K + k: byte e // 2, the high nibble when e is even, scale of block e // blocksize. That
+    path is slower but exact for any shape; no kernel falls back to anything else.
+
+Note [code lookup]
+    The 16-value code (NF4 or FP4) is gathered with tl.load from the 64-byte float32 table in
+    global memory. A warp's 32 lookups fall in one 128-byte line, so they cost one L1 wavefront,
+    like bitsandbytes' shared-memory table, and need no per-call set-up. Rejected: a tl.where tree
+    (15 selects per value, so ALU-bound where the lookup is one load), and a 256-entry table that
+    maps a byte to both values (half the lookups, but a warp's gathers then spread over 16 lines).
+    The value is looked up in float32 and multiplied by the float32 scale before any rounding, so
+    tiles equal the reference's dequantized W. Where the lookup limits the small-M path, the next
+    step is an in-register table (byte permutes with inline PTX), not interpretable on the CPU.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import NESTED_BLOCKSIZE
+
+__all__ = ["NF4Weight", "nf4_weight", "block_scale", "nf4_tile", "store_output", "interpreting"]
+
+_NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors; autotuning tries one config)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """(packed, state) checked once and laid out as kernel arguments."""
+    packed: torch.Tensor         # uint8 ((N*K + 1) // 2,)
+    absmax: torch.Tensor         # float32 (nblocks,), or uint8 (nblocks,) codes with double quant
+    nested_absmax: torch.Tensor  # float32 (ceil(nblocks / 256),); `absmax` again without double quant
+    nested_code: torch.Tensor    # float32 (256,); `code` again without double quant
+    offset: torch.Tensor | float  # a one-element float32 tensor on the device, or a float
+    code: torch.Tensor           # float32 (16,)
+    n_rows: int                  # N, out_features
+    n_cols: int                  # K, in_features
+    blocksize: int
+    double_quant: bool
+
+    @property
+    def offset_is_pointer(self) -> bool:
+        return isinstance(self.offset, torch.Tensor)
+
+    @property
+    def whole_blocks(self) -> bool:
+        """Rows start on block (and byte) boundaries: see Note [two tile layouts]."""
+        return self.n_cols % self.blocksize == 0
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per row of W in the whole-blocks layout (K is even there)."""
+        return self.n_cols // 2
+
+
+def _small_table(tensor, name: str, numel: int, device: torch.device) -> torch.Tensor:
+    if tensor is None or tensor.numel() != numel:
+        got = None if tensor is None else tuple(tensor.shape)
+        raise ValueError(f"NF4 weight: state.{name} must have {numel} values, got shape {got}")
+    _check_device(tensor, name, device)
+    return tensor.reshape(-1).float().contiguous()
+
+
+def _check_device(tensor: torch.Tensor, name: str, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"NF4 weight: {name} is on {tensor.device}, the input is on {device}")
+
+
+def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
+    """Check `packed` and `state` against each other and `device`; one clear error names the field."""
+    try:
+        n_rows, n_cols = (int(d) for d in state.shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"NF4 weight: state.shape must be (out_features, in_features), got {state.shape!r}")
+    if n_rows <= 0 or n_cols <= 0:
+        raise ValueError(f"NF4 weight: state.shape must be positive, got {(n_rows, n_cols)}")
+    blocksize = int(state.blocksize)
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"NF4 weight: state.blocksize must be a power of two >= 2, got {blocksize}")
+    numel = n_rows * n_cols
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"NF4 weight: packed must be uint8 with (N*K + 1) // 2 = {(numel + 1) // 2} bytes for "
+            f"state.shape {(n_rows, n_cols)}, got {packed.dtype} of shape {tuple(packed.shape)}")
+    _check_device(packed, "packed", device)
+    nblocks = (numel + blocksize - 1) // blocksize
+    double_quant = state.nested_absmax is not None
+    absmax = state.absmax
+    if absmax is None or absmax.numel() != nblocks:
+        got = None if absmax is None else tuple(absmax.shape)
+        raise ValueError(f"NF4 weight: state.absmax must have {nblocks} values (one per block of "
+                         f"{blocksize}), got shape {got}")
+    _check_device(absmax, "state.absmax", device)
+    code = _small_table(state.code, "code", 16, device)
+    if double_quant:
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"NF4 weight: with double quant state.absmax must be uint8 codes, got {absmax.dtype}")
+        nested_absmax = _small_table(state.nested_absmax, "nested_absmax",
+                                     (nblocks + NESTED_BLOCKSIZE - 1) // NESTED_BLOCKSIZE, device)
+        nested_code = _small_table(state.nested_code, "nested_code", 256, device)
+        offset = state.offset
+        if isinstance(offset, torch.Tensor):
+            if offset.numel() != 1:
+                raise ValueError(f"NF4 weight: state.offset must be one value, got shape {tuple(offset.shape)}")
+            # On the device: read by the kernel (no host sync). Elsewhere: a plain float.
+            offset = offset.reshape(1).float() if offset.device == device else float(offset)
+        else:
+            offset = float(offset)
+        absmax = absmax.reshape(-1).contiguous()
+    else:
+        absmax = absmax.reshape(-1).float().contiguous()
+        nested_absmax, nested_code, offset = absmax, code, 0.0
+    return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
+                     blocksize=blocksize, double_quant=double_quant)
+
+
+@triton.jit
+def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+                DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr):
+    """float32 scale of the blocks `block` (any shape); finite where ~mask."""
+    if DOUBLE_QUANT:
+        code_index = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // _NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        if OFFSET_IS_POINTER:
+            shift = tl.load(offset)
+        else:
+            shift = offset
+        scale = tl.load(nested_code_ptr + code_index) * nested + shift
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+             offs_n, k0, N, K, row_bytes,
+             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
+             WHOLE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0 : k0 + BLOCK_K] in float32, (BLOCK_N, BLOCK_K); k0 is a multiple of BLOCK_K.
+
+    Entries outside W are finite (not zero): callers multiply them by zeros of a masked operand.
+    See Note [two tile layouts] and Note [code lookup]."""
+    row_in = offs_n < N  # (BLOCK_N,)
+    if WHOLE_BLOCKS:
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        offs_byte = k0 // 2 + tl.arange(0, HALF_K)  # (BLOCK_K/2,)
+        rows = packed_ptr + offs_n.to(tl.int64) * row_bytes  # (BLOCK_N,)
+        mask = row_in[:, None] & (offs_byte < row_bytes)[None, :]
+        bytes_ = tl.load(rows[:, None] + offs_byte[None, :], mask=mask, other=0)  # (BLOCK_N, BLOCK_K/2)
+        nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (BLOCK_N, BLOCK_K))  # element 2j+t
+        values = tl.load(code_ptr + nibbles.to(tl.int32))  # (BLOCK_N, BLOCK_K)
+        blocks_per_row = K // BLOCKSIZE
+        if BLOCK_K >= BLOCKSIZE:
+            NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+            col_block = k0 // BLOCKSIZE + tl.arange(0, NB)  # (NB,)
+            block = offs_n[:, None] * blocks_per_row + col_block[None, :]  # (BLOCK_N, NB)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block,
+                                row_in[:, None] & (col_block < blocks_per_row)[None, :],
+                                DOUBLE_QUANT, OFFSET_IS_POINTER)  # (BLOCK_N, NB)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, BLOCKSIZE)),
+                               (BLOCK_N, BLOCK_K))
+        else:
+            block = offs_n * blocks_per_row + k0 // BLOCKSIZE  # (BLOCK_N,): the tile is inside one block
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, row_in,
+                                DOUBLE_QUANT, OFFSET_IS_POINTER)[:, None]  # (BLOCK_N, 1)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        mask = row_in[:, None] & (offs_k < K)[None, :]
+        element = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) flat index e
+        bytes_ = tl.load(packed_ptr + element // 2, mask=mask, other=0).to(tl.int32)
+        shift = (4 - 4 * (element % 2)).to(tl.int32)  # even e: high nibble
+        values = tl.load(code_ptr + ((bytes_ >> shift) & 0xF))
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, element // BLOCKSIZE,
+                            mask, DOUBLE_QUANT, OFFSET_IS_POINTER)
+    return values * scale
+
+
+@triton.jit
+def store_output(acc, rows, cols, out_ptr, stride_out, bias_ptr, n_out_rows, n_out_cols, split_id,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """out[rows, cols] = acc (+ bias[cols]); `rows`, `cols` broadcast to acc's shape.
+
+    With SPLIT > 1 the partial sums of the splits are atomically added to a zeroed float32 `out`,
+    and only split 0 adds the bias."""
+    mask = (rows < n_out_rows) & (cols < n_out_cols)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cols < n_out_cols, other=0.0).to(tl.float32)
+        acc += tl.where(split_id == 0, bias, 0.0)
+    pointers = out_ptr + rows.to(tl.int64) * stride_out + cols
+    if SPLIT == 1:
+        tl.store(pointers, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(pointers, acc, mask=mask)

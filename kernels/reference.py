@@ -1,0 +1,63 @@
+"""Plain-PyTorch reference of the NF4 kernels: the same math, element by element, on any device.
+
+The weight W is (N, K) = (out_features, in_features), flattened row-major; element e = n*K + k.
+
+    byte    = packed[e // 2]                     packed: uint8 ((N*K + 1) // 2, 1)
+    nibble  = byte >> 4 if e is even else byte & 0xF      (the first element in the high nibble)
+    b       = e // blocksize                     (blocks run across row ends when K % blocksize != 0)
+    scale_b = absmax[b]                                              without double quant
+            = nested_code[absmax[b]] * nested_absmax[b // 256] + offset   with double quant
+    W[n, k] = code[nibble] * scale_b             in float32, then rounded once to the output dtype
+
+Each product and sum above is one float32 operation, rounded on its own (no fused multiply-add), so
+a kernel that does the same operations in the same order matches this reference bit for bit.
+
+`state` is any object with the attributes `absmax, nested_absmax (None without double quant),
+nested_code, offset, code, blocksize, shape` (quant.QuantState has exactly these).
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "matmul_nf4",
+           "matmul_nf4_t"]
+
+NESTED_BLOCKSIZE = 256  # first-level blocks per second-level (double-quant) block
+
+
+def block_scales(state) -> torch.Tensor:
+    """The float32 absmax of every block, (nblocks,), decoding double quantization if present."""
+    if state.nested_absmax is None:
+        return state.absmax.float()
+    nblocks = state.absmax.numel()
+    device = state.absmax.device
+    nested_of_block = torch.arange(nblocks, device=device) // NESTED_BLOCKSIZE  # (nblocks,)
+    decoded = state.nested_code.float()[state.absmax.long()] * state.nested_absmax.float()[nested_of_block]
+    return decoded + torch.as_tensor(state.offset, dtype=torch.float32, device=device)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit codes, int64 (numel,): byte i holds element 2i in its high nibble, 2i+1 in its low."""
+    bytes_ = packed.reshape(-1).long()
+    nibbles = torch.stack([bytes_ >> 4, bytes_ & 0xF], dim=1).reshape(-1)  # (2 * nbytes,)
+    return nibbles[:numel]
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W as an (N, K) tensor of `dtype` (see the module docstring for the formula)."""
+    n_rows, n_cols = (int(d) for d in state.shape)
+    numel = n_rows * n_cols
+    nibbles = unpack_nibbles(packed, numel)  # (N*K,)
+    block_of = torch.arange(numel, device=packed.device) // state.blocksize  # (N*K,)
+    values = state.code.float()[nibbles] * block_scales(state)[block_of]  # (N*K,) float32
+    return values.to(dtype).view(n_rows, n_cols)
+
+
+def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias): (..., K) -> (..., N), with W dequantized to x's dtype."""
+    weight = dequantize_nf4(packed, state, x.dtype)  # (N, K)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """g @ W: (..., N) -> (..., K), the input gradient of x @ W.T."""
+    return g @ dequantize_nf4(packed, state, g.dtype)

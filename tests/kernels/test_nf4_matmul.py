@@ -1,0 +1,123 @@
+"""kernels.matmul_nf4 / matmul_nf4_t and every strategy behind them, against x @ W.T in fp64.
+
+CPU, Triton interpreter: float16 and float32 inputs (the interpreter's tl.dot is wrong on bfloat16;
+bfloat16 is covered by test_nf4_gpu.py). Tolerances: float32 1e-5 (no TF32 anywhere), float16
+2e-3 (W rounded to float16 once, output rounded once: <= 2 * 2^-11), relative to |x| @ |W|.T.
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import nf4_matmul, reference
+from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
+
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+# (N, K, blocksize): blocks straddling rows (K % blocksize != 0), rows holding whole blocks with
+# tiles wider or narrower than a block, odd K (rows straddle bytes).
+SHAPES = [(40, 96, 64), (33, 130, 128), (40, 128, 64), (24, 256, 128), (7, 129, 64)]
+ROWS = [1, 3, 16, 17, 64]  # GEMV, GEMV, small-M tensor cores, large-M tiles (partial and whole)
+
+
+def _weight(n_rows, n_cols, blocksize, double_quant=True):
+    packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant)
+    return packed, state, reference.dequantize_nf4(packed, state, torch.float32)
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_matmul_nf4(n_rows, n_cols, blocksize, m, dtype):
+    packed, state, weight = _weight(n_rows, n_cols, blocksize, double_quant=(m % 2 == 1))
+    x = torch.randn(m, n_cols).to(dtype)
+    bias = torch.randn(n_rows).to(dtype)
+    got = kernels.matmul_nf4(x, packed, state, bias)
+    assert got.dtype == dtype
+    assert_matmul_close(got, x, weight.T, bias, RTOL[dtype])
+    assert_matmul_close(kernels.matmul_nf4(x, packed, state), x, weight.T, None, RTOL[dtype])
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_matmul_nf4_t(n_rows, n_cols, blocksize, m, dtype):
+    packed, state, weight = _weight(n_rows, n_cols, blocksize, double_quant=(m % 2 == 0))
+    g = torch.randn(m, n_rows).to(dtype)
+    got = kernels.matmul_nf4_t(g, packed, state)
+    assert got.dtype == dtype
+    assert_matmul_close(got, g, weight, None, RTOL[dtype])
+
+
+STRATEGIES = {
+    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
+    "gemv-split3": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=3),
+    "fused": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b),
+    "fused-split2": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b, split_k=2),
+    "dequantize": lambda x, p, s, b: nf4_matmul.matmul_nf4_dequantize(x, p, s, b),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("m", [3, 16])  # the small-M path: CUDA-core GEMV at 3, tensor cores at 16
+@pytest.mark.parametrize("shape", [(33, 130, 128), (40, 128, 64)])
+def test_every_forward_strategy(strategy, m, shape):
+    packed, state, weight = _weight(*shape)
+    x = torch.randn(m, shape[1]).half()
+    bias = torch.randn(shape[0]).half()
+    assert_matmul_close(STRATEGIES[strategy](x, packed, state, bias), x, weight.T, bias, RTOL[torch.float16])
+
+
+T_STRATEGIES = {
+    "small": lambda g, p, s: nf4_matmul.matmul_nf4_t_small_m(g, p, s, split_n=1),
+    "small-split2": lambda g, p, s: nf4_matmul.matmul_nf4_t_small_m(g, p, s, split_n=2),
+    "fused": lambda g, p, s: nf4_matmul.matmul_nf4_t_fused(g, p, s),
+    "fused-split2": lambda g, p, s: nf4_matmul.matmul_nf4_t_fused(g, p, s, split_n=2),
+    "dequantize": lambda g, p, s: nf4_matmul.matmul_nf4_t_dequantize(g, p, s),
+}
+
+
+@pytest.mark.parametrize("strategy", T_STRATEGIES)
+@pytest.mark.parametrize("shape", [(33, 130, 128), (72, 128, 64)])
+def test_every_transposed_strategy(strategy, shape):
+    packed, state, weight = _weight(*shape)
+    g = torch.randn(5, shape[0]).half()
+    assert_matmul_close(T_STRATEGIES[strategy](g, packed, state), g, weight, None, RTOL[torch.float16])
+
+
+def test_split_heuristic_splits_only_when_rows_are_few():
+    assert nf4_matmul.split_for_small_m(14336, 4096) == 1
+    assert nf4_matmul.split_for_small_m(1024, 4096) > 1
+    assert nf4_matmul.split_for_small_m(40, 96) == 1  # too little K to share
+    assert nf4_matmul.split_for_small_m(40, 100_000) <= nf4_matmul.SPLIT_MAX
+
+
+def test_leading_dims_and_strided_input():
+    packed, state, weight = _weight(40, 128, 64)
+    x = torch.randn(2, 3, 256)[..., ::2].float()  # (2, 3, 128), last dim strided
+    got = kernels.matmul_nf4(x, packed, state)
+    assert got.shape == (2, 3, 40)
+    assert_matmul_close(got.reshape(6, 40), x.reshape(6, 128), weight.T, None, RTOL[torch.float32])
+    g = torch.randn(4, 40, 3).float().transpose(1, 2)  # (4, 3, 40), non-contiguous
+    got = kernels.matmul_nf4_t(g, packed, state)
+    assert got.shape == (4, 3, 128)
+    assert_matmul_close(got.reshape(12, 128), g.reshape(12, 40), weight, None, RTOL[torch.float32])
+
+
+def test_no_rows():
+    packed, state, _ = _weight(40, 96, 64)
+    assert kernels.matmul_nf4(torch.zeros(0, 96), packed, state).shape == (0, 40)
+    assert kernels.matmul_nf4_t(torch.zeros(2, 0, 40), packed, state).shape == (2, 0, 96)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    packed, state, _ = _weight(40, 96, 64)
+    with pytest.raises(ValueError, match="must end in 96"):
+        kernels.matmul_nf4(torch.randn(3, 95), packed, state)
+    with pytest.raises(ValueError, match="must end in 40"):
+        kernels.matmul_nf4_t(torch.randn(3, 96), packed, state)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.matmul_nf4(torch.randn(3, 96), packed, state, bias=torch.randn(39))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        kernels.matmul_nf4(torch.randn(3, 96).double(), packed, state)
+    with pytest.raises(ValueError, match="packed"):
+        kernels.matmul_nf4(torch.randn(3, 96), packed[:10], state)

@@ -110,11 +110,17 @@ def _convert(name: str, value, where: str):
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, got {value!r}")
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
         if kind == list[str]:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]

@@ -38,7 +38,10 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def _select(model: nn.Module, targets, exclude: Sequence[str]) -> list[str]:
-    linear = [n for n, m in model.named_modules() if n and is_linear_like(m)]
+    # nn.MultiheadAttention reads out_proj.weight directly, so its projection cannot be wrapped.
+    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
+    linear = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in inside_mha]
     if targets == "all-linear":
         chosen = [n for n in linear if n.rsplit(".", 1)[-1] not in OUTPUT_HEAD_NAMES]
     elif isinstance(targets, str):

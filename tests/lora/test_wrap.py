@@ -114,3 +114,18 @@ def test_trainable_parameters_counts_quantized_layers_logically(capsys):
     count = lora.trainable_parameters(model, verbose=True)
     assert count.total == 6 * 10 + 6  # logical weight + bias; the stored buffer is not counted
     assert "all params: 66" in capsys.readouterr().out
+
+
+def test_multihead_attention_projection_is_left_alone():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.attn(x, x, x)[0])
+
+    model = lora.wrap(WithMHA(), r=2)
+    assert _wrapped_names(model) == ["proj"]
+    model(torch.randn(2, 3, 8)).sum().backward()  # MHA still works

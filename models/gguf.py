@@ -107,7 +107,10 @@ class _Reader:
             return values.astype(bool).tolist() if element_type == 7 else values.tolist()
         if value_type not in _SCALAR_FORMATS:
             raise ValueError(f"{self.path}: {what} has an unknown value type {value_type}")
-        return self.scalar(value_type, what)
+        value = self.scalar(value_type, what)
+        if value_type == 6:  # float32: the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)
+            value = float(str(np.float32(value)))
+        return value
 
 
 class GGUFFile:

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.gguf import GGUFFile
+from models.gguf import DEQUANTIZABLE, GGUFFile
 from models.llama import Llama, LlamaConfig
 
 __all__ = ["load_pretrained", "config_from_gguf", "GGUF_TO_HF"]
 
 # Keys some checkpoints carry that this model computes instead.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_BNB_QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+_BNB_QUANT_STATE = "weight.quant_state.bitsandbytes__"  # + "nf4" or "fp4", after "P."
 
 
 def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
@@ -83,7 +83,7 @@ def _fill(source, cfg: LlamaConfig, dtype, device, quantize) -> Llama:
     for module_name, module in list(model.named_modules()):
         prefix = module_name + "." if module_name else ""
         if isinstance(module, nn.Linear) and quantize is not None and module_name != "lm_head":
-            stored_4bit = any(source.has(prefix + "weight" + _BNB_QUANT_STATE + t) for t in ("nf4", "fp4"))
+            stored_4bit = any(source.has(prefix + _BNB_QUANT_STATE + t) for t in ("nf4", "fp4"))
             if quantize == "prequantized" and stored_4bit:
                 new = _read_prequantized_linear(source, module, prefix, dtype, device, consumed)
             elif quantize == "nf4":
@@ -109,7 +109,7 @@ def _fill(source, cfg: LlamaConfig, dtype, device, quantize) -> Llama:
 
 def _read(source, key: str, expected_shape, dtype, device, consumed) -> torch.Tensor:
     if not source.has(key):
-        raise KeyError(f"{source.describe()}: missing tensor {key!r}")
+        raise ValueError(f"{source.describe()}: missing tensor {key!r}")
     shape = tuple(source.shape(key))
     if shape != tuple(expected_shape):
         raise ValueError(f"{source.where(key)}: tensor {key!r} has shape {shape}, the config expects "
@@ -146,11 +146,8 @@ def _read_prequantized_linear(source, linear: nn.Linear, prefix: str, dtype, dev
         state[key[len(prefix):]] = source.get(key, device)
     if linear.bias is not None:
         state["bias"] = _read(source, prefix + "bias", linear.bias.shape, dtype, device, consumed)
-    holder = nn.Module()
-    with torch.device("meta"):
-        holder.layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    quant.quantize(holder, skip=(), compute_dtype=dtype)
-    layer = holder.layer
+    layer = quant.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             compute_dtype=dtype, device="meta")
     try:
         layer.load_state_dict(state, assign=True)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -204,7 +201,7 @@ class SafetensorsSource:
             if weight_map is not None:
                 for key, name in weight_map.items():
                     if key not in self.file_of:
-                        raise KeyError(f"{folder / name}: missing tensor {key!r} (listed in {index.name})")
+                        raise ValueError(f"{folder / name}: missing tensor {key!r} (listed in {index.name})")
         except BaseException:
             self.close()
             raise
@@ -366,6 +363,10 @@ class GGUFSource:
             hf = _hf_name(name)
             if hf is None:
                 raise ValueError(f"{gguf.path}: tensor {name!r} has no place in a Llama model")
+            info = gguf.tensors[name]
+            if info.type_name not in DEQUANTIZABLE:  # fail before loading anything
+                raise ValueError(f"{gguf.path}: tensor {name!r} has type {info.type_name}, which is not supported "
+                                 f"(supported: {', '.join(DEQUANTIZABLE)})")
             self.gguf_name[hf] = name
 
     def keys(self):

@@ -28,17 +28,24 @@ Note [W as the left operand]
 
 Note [two strategies for large M]
     At large M the matmul is compute-bound. The fused kernel never writes W out, but unpacks each
-    W tile once per m-tile (cost ~ N*K*M/BLOCK_M lookups), and must match cuBLAS's tiles on its
-    own. "dequantize" writes W in bf16 once (2 bytes per weight: ~1% of a 4096-row matmul's time
-    at 3 TB/s) and then runs cuBLAS at full speed. Both are kept, both are benchmarked, and the
-    constant picks; the transposed product has its own constant because its tile shapes differ.
+    W tile once per m-tile: N*K*M/BLOCK_M unpacks of ~6-8 CUDA-core instructions each, against
+    2*M*N*K tensor-core flops. On an H100 at M = 4096, BLOCK_M = 128 (~30 T lane-instructions/s,
+    ~800 TFLOP/s) that is ~110-145 us of unpacking beside ~170 us of MMA for 4096 x 4096, so the
+    kernel is only as fast as cuBLAS if the unpacking overlaps the asynchronous MMAs (BLOCK_M =
+    256 halves it). "dequantize" writes W in bf16 once (4096 x 4096: 42 MB moved, ~15 us) and
+    then runs cuBLAS at full speed: its overhead is 2.5 bytes per weight against 2*M flops per
+    weight, so about 0.92x of bf16 at M = 4096 whatever N and K, falling as 1/M.
+    Both are kept and benchmarked, and the constants pick; the transposed product has its own
+    constant because its tile shapes differ.
 
 Note [split-K for small M]
     At small M the time is the time to stream W, so the grid must keep every SM busy. With
     BLOCK_N rows per program there are only cdiv(N, BLOCK_N) programs; when that is fewer than
     SPLIT_MIN_PROGRAMS the K loop is split over several programs whose partial sums are added
     atomically into a zeroed float32 output, then cast. That costs two extra small launches
-    (zero, cast), so it is used only where the rows alone cannot fill the GPU.
+    (zero, cast: a few microseconds, comparable to a whole 4096 x 4096 GEMV), so it is used only
+    where the rows alone cannot fill the GPU. BLOCK_N is autotuned after the split is chosen, so
+    the split estimates the programs from a typical BLOCK_N per kernel (SPLIT_ROWS_*).
 """
 import math
 
@@ -63,7 +70,8 @@ LARGE_M_STRATEGY_T = "fused"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
 
 # Split-K at small M (Note [split-K for small M]).
 SPLIT_MIN_PROGRAMS = 132      # one program per H100 SM
-SPLIT_ROWS_PER_PROGRAM = 32   # a typical small-M BLOCK_N, to estimate the programs without a split
+SPLIT_ROWS_FMA = 16           # typical BLOCK_N of the GEMV, to estimate its programs without a split
+SPLIT_ROWS_TENSOR_CORES = 64  # typical BLOCK_N (BLOCK_K for g @ W) of the small-M tensor-core tiles
 SPLIT_MAX = 8
 SPLIT_MIN_REDUCE = 512        # at least this much of the reduced dimension per split
 
@@ -80,10 +88,21 @@ _LARGE_M_CONFIGS = [
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 64, 64, 8, 4), (64, 256, 64, 8, 4),
     )
 ]
+# g @ W: BLOCK_K tiles the output columns, BLOCK_N is the reduction chunk (roles of N and K swap).
+_SMALL_M_T_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 1}, num_warps=4, num_stages=s)
+    for k in (64, 128) for n in (64, 128, 256) for s in (3, 5)
+]
+_LARGE_M_T_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP": 8}, num_warps=w, num_stages=s)
+    for k, m, n, w, s in (
+        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 64, 64, 8, 4), (64, 256, 64, 8, 4),
+    )
+]
 # Under the interpreter: one config each, small tiles (odd test shapes still cross tile edges).
 _SMALL_M_INTERPRETER = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 1})
 _LARGE_M_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP": 2})
-# The transposed kernel reads BLOCK_K as its output tile and BLOCK_N as its reduction chunk.
 _T_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 2})
 _T_SMALL_M_INTERPRETER = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP": 1})
 
@@ -182,8 +201,8 @@ def _autotuned(kernel, configs, interpreter_config):
 
 _matmul_small_m = _autotuned(_matmul_kernel, _SMALL_M_CONFIGS, _SMALL_M_INTERPRETER)
 _matmul_large_m = _autotuned(_matmul_kernel, _LARGE_M_CONFIGS, _LARGE_M_INTERPRETER)
-_matmul_t_small_m = _autotuned(_matmul_t_kernel, _SMALL_M_CONFIGS, _T_SMALL_M_INTERPRETER)
-_matmul_t_large_m = _autotuned(_matmul_t_kernel, _LARGE_M_CONFIGS, _T_INTERPRETER)
+_matmul_t_small_m = _autotuned(_matmul_t_kernel, _SMALL_M_T_CONFIGS, _T_SMALL_M_INTERPRETER)
+_matmul_t_large_m = _autotuned(_matmul_t_kernel, _LARGE_M_T_CONFIGS, _T_INTERPRETER)
 
 
 # ----------------------------------------------------------------------------- checks and launches
@@ -191,9 +210,9 @@ _matmul_t_large_m = _autotuned(_matmul_t_kernel, _LARGE_M_CONFIGS, _T_INTERPRETE
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def split_for_small_m(n_out: int, n_reduce: int) -> int:
+def split_for_small_m(n_out: int, n_reduce: int, rows_per_program: int) -> int:
     """How many programs share the reduction at small M (Note [split-K for small M])."""
-    programs = triton.cdiv(n_out, SPLIT_ROWS_PER_PROGRAM)
+    programs = triton.cdiv(n_out, rows_per_program)
     if programs >= SPLIT_MIN_PROGRAMS:
         return 1
     return max(1, min(SPLIT_MAX, triton.cdiv(SPLIT_MIN_PROGRAMS, programs), n_reduce // SPLIT_MIN_REDUCE))
@@ -255,7 +274,7 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
     _check_bias(bias, weight.n_rows, x.device)
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     if split is None:
-        split = split_for_small_m(n, k)
+        split = split_for_small_m(n, k, SPLIT_ROWS_FMA if kernel_kind == "fma" else SPLIT_ROWS_TENSOR_CORES)
     out = _new_output(m, n, x.dtype, x.device, split)
     if m > 0:
         args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
@@ -277,7 +296,7 @@ def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
     g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
     m, n, k = g2d.shape[0], weight.n_rows, weight.n_cols
     if split is None:
-        split = split_for_small_m(k, n)
+        split = split_for_small_m(k, n, SPLIT_ROWS_TENSOR_CORES)
     out = _new_output(m, k, g.dtype, g.device, split)
     if m > 0:
         kernel = _matmul_t_small_m if kernel_kind == "small" else _matmul_t_large_m

@@ -56,13 +56,13 @@ def assert_matmul_close(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bia
     The bound is the sum of the absolute products that make up the output, the natural scale of
     rounding errors in a dot product; a wrong element, row or scale misses it by orders of magnitude.
     """
-    a64, b64 = a.double().cpu(), b.double().cpu()
+    a64, b64 = a.double(), b.double()  # on a's device: fp64 matmuls on the GPU in GPU tests
     want = a64 @ b64
     bound = a64.abs() @ b64.abs()
     if bias is not None:
-        want = want + bias.double().cpu()
-        bound = bound + bias.double().cpu().abs()
+        want = want + bias.double()
+        bound = bound + bias.double().abs()
     assert got.shape == want.shape, (got.shape, want.shape)
-    error = (got.double().cpu() - want).abs() / bound.clamp_min(1e-30)
+    error = (got.double() - want).abs() / bound.clamp_min(1e-30)
     worst = error.max().item()
     assert worst <= rtol, f"max error {worst:.3g} x |a|@|b| exceeds rtol {rtol:.3g}"

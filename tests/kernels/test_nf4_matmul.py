@@ -85,10 +85,12 @@ def test_every_transposed_strategy(strategy, shape):
 
 
 def test_split_heuristic_splits_only_when_rows_are_few():
-    assert nf4_matmul.split_for_small_m(14336, 4096) == 1
-    assert nf4_matmul.split_for_small_m(1024, 4096) > 1
-    assert nf4_matmul.split_for_small_m(40, 96) == 1  # too little K to share
-    assert nf4_matmul.split_for_small_m(40, 100_000) <= nf4_matmul.SPLIT_MAX
+    split = nf4_matmul.split_for_small_m
+    assert split(14336, 4096, 16) == 1
+    assert split(4096, 4096, 16) == 1
+    assert split(4096, 4096, 64) == 3  # 64 programs: 3 splits reach 132
+    assert split(40, 96, 16) == 1  # too little K to share
+    assert split(40, 100_000, 16) == nf4_matmul.SPLIT_MAX
 
 
 def test_leading_dims_and_strided_input():

@@ -1,0 +1,233 @@
+"""NF4 matmul on the GPU: our kernels against torch bf16 `x @ W.T` and bitsandbytes, same run.
+
+    PYTHONPATH=. python -m benchmarks.nf4_matmul [--quick] [--check] [--shapes 4096x4096,...] [--rows 1,16]
+
+For each W of N x K and each M (rows of x), bf16 throughout, the median time over many runs
+(triton.testing.do_bench, which clears L2 before every run, so small M streams W from HBM):
+    torch   x @ W.T on the bf16 weight (cuBLAS)
+    ours    kernels.matmul_nf4 (what quant.Linear4bit calls: dispatch by M)
+    small   the small-M path (M <= 64 only), fused (tensor-core tiles, W in registers),
+    dequant (W to a bf16 scratch buffer, then cuBLAS): every strategy, to set the dispatch
+    bnb     bitsandbytes.matmul_4bit, NF4 + double quant, when bitsandbytes imports
+Speedups are torch time / that time. Rates: GB/s of the bytes that must move (packed W + block
+stats + x + y) for M <= 64, TFLOP/s (2*M*N*K) for larger M. Then g @ W (the backward product) at
+M = 4096, and the dequantization kernel alone (GB/s of packed W + stats + the bf16 output).
+--check compares every output with the fp64 product (and dequantization with the reference, bit
+for bit) before timing. The markdown tables go to stdout and, when OUT is set, $OUT/nf4_matmul.md.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import kernels
+from kernels import nf4_matmul, reference
+from kernels.nf4_dequant import dequantize_nf4
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # (N, K)
+QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
+ROWS = [1, 16, 64, 4096]
+SMALL_PATH_MAX_ROWS = 64  # beyond this the small-M tiles are pointless to time
+BLOCKSIZE = 64
+RTOL_BF16 = 8e-3  # W and y each rounded to bf16 once: <= 2 * 2^-8 of |x| @ |W|.T
+
+
+@dataclass
+class State:
+    """The attributes kernels read (quant.QuantState has the same ones)."""
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | float
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple[int, int]
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+        return bitsandbytes
+    except Exception:  # not installed, or installed without a working CUDA build
+        return None
+
+
+def nf4_weight(n_rows: int, n_cols: int, bnb):
+    """(packed, state, bnb_state or None): bitsandbytes' own quantization of a random bf16 W when
+    available (so both libraries multiply the same numbers), else random codes and scales."""
+    if bnb is not None:
+        w = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, qs = bnb.functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True,
+                                                  quant_type="nf4")
+        state = State(absmax=qs.absmax, nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                      offset=qs.offset, code=qs.code, blocksize=qs.blocksize, shape=(n_rows, n_cols))
+        return packed, state, qs
+    numel = n_rows * n_cols
+    nblocks = numel // BLOCKSIZE
+    packed = torch.randint(0, 256, (numel // 2, 1), dtype=torch.uint8, device="cuda")
+    state = State(absmax=torch.randint(0, 256, (nblocks,), dtype=torch.uint8, device="cuda"),
+                  nested_absmax=torch.rand((nblocks + 255) // 256, device="cuda") * 0.01,
+                  nested_code=torch.sort(torch.rand(256, device="cuda") * 2 - 1).values,
+                  offset=torch.tensor(0.02, device="cuda"), code=torch.tensor(_NF4, device="cuda"),
+                  blocksize=BLOCKSIZE, shape=(n_rows, n_cols))
+    return packed, state, None
+
+
+_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0]
+
+
+def weight_bytes(state: State) -> int:
+    """Bytes of packed W and its block statistics."""
+    n_rows, n_cols = state.shape
+    stats = state.absmax.numel() * state.absmax.element_size()
+    if state.nested_absmax is not None:
+        stats += state.nested_absmax.numel() * 4 + 256 * 4
+    return (n_rows * n_cols + 1) // 2 + stats + 16 * 4
+
+
+def median_us(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def exact_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a @ b, |a| @ |b|) in fp64 on the GPU: the reference and the scale of its rounding errors."""
+    a64, b64 = a.double(), b.double()
+    return a64 @ b64, (a64.abs() @ b64.abs()).clamp_min(1e-30)
+
+
+def check(name: str, got: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor], failures: list) -> None:
+    """got ~= a @ b within RTOL_BF16 of |a| @ |b|."""
+    want, bound = exact
+    error = ((got.double() - want).abs() / bound).max().item()
+    status = "ok" if error <= RTOL_BF16 else "FAIL"
+    print(f"  check {name}: max error {error:.2e} x |a|@|b| ({status})")
+    if status != "ok":
+        failures.append(name)
+
+
+def fmt(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES} at M = 1, 16, 4096")
+    parser.add_argument("--check", action="store_true", help="compare every output with the reference first")
+    parser.add_argument("--shapes", help="N x K list, e.g. 4096x4096,14336x4096")
+    parser.add_argument("--rows", help="M list, e.g. 1,16,64,4096")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = [1, 16, 4096] if args.quick else ROWS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.rows:
+        rows = [int(v) for v in args.rows.split(",")]
+    bnb = _bitsandbytes()
+    header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}; NF4 + double quant, "
+              f"blocksize {BLOCKSIZE}, bf16; dispatch: SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, "
+              f"FMA_M_MAX={nf4_matmul.FMA_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
+              f"LARGE_M_STRATEGY_T={nf4_matmul.LARGE_M_STRATEGY_T!r}")
+    print(header)
+    torch.manual_seed(0)
+    failures: list[str] = []
+    forward_rows, backward_rows, dequant_rows = [], [], []
+    for n_rows, n_cols in shapes:
+        packed, state, bnb_state = nf4_weight(n_rows, n_cols, bnb)
+        w = dequantize_nf4(packed, state, torch.bfloat16)  # (N, K), the torch baseline's weight
+        wbytes = weight_bytes(state)
+        if args.check:
+            same = torch.equal(w, reference.dequantize_nf4(packed, state, torch.bfloat16))
+            print(f"  check dequantize {n_rows}x{n_cols}: {'bit-exact' if same else 'FAIL'}")
+            if not same:
+                failures.append(f"dequantize {n_rows}x{n_cols}")
+        t = median_us(lambda: dequantize_nf4(packed, state, torch.bfloat16))
+        dequant_rows.append(f"| {n_rows} x {n_cols} | {t:.1f} | {(wbytes + w.numel() * 2) / t / 1e3:.0f} |")
+        for m in rows:
+            x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
+            runs = {
+                "torch": lambda: x @ w.T,
+                "ours": lambda: kernels.matmul_nf4(x, packed, state),
+                "small": (lambda: nf4_matmul.matmul_nf4_small_m(x, packed, state)) if m <= SMALL_PATH_MAX_ROWS else None,
+                "fused": lambda: nf4_matmul.matmul_nf4_fused(x, packed, state),
+                "dequant": lambda: nf4_matmul.matmul_nf4_dequantize(x, packed, state),
+                "bnb": (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)) if bnb_state is not None else None,
+            }
+            if args.check:
+                exact = exact_product(x, w.T)
+                for name, fn in runs.items():
+                    if fn is not None:
+                        check(f"{name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
+                del exact
+            times = {name: (median_us(fn) if fn is not None else None) for name, fn in runs.items()}
+            speedup = {name: (times["torch"] / t if t else None) for name, t in times.items()}
+            if m <= SMALL_PATH_MAX_ROWS:
+                rate = f"{(wbytes + (m * n_cols + m * n_rows) * 2) / times['ours'] / 1e3:.0f} GB/s"
+            else:
+                rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
+            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
+                    f"**{speedup['ours']:.2f}** | {fmt(speedup['small'], '.2f')} | {speedup['fused']:.2f} | "
+                    f"{speedup['dequant']:.2f} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
+            print(line, flush=True)
+            forward_rows.append(line)
+        for m in [r for r in rows if r > nf4_matmul.SMALL_M_MAX]:
+            g = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
+            runs = {
+                "torch": lambda: g @ w,
+                "ours": lambda: kernels.matmul_nf4_t(g, packed, state),
+                "fused": lambda: nf4_matmul.matmul_nf4_t_fused(g, packed, state),
+                "dequant": lambda: nf4_matmul.matmul_nf4_t_dequantize(g, packed, state),
+            }
+            if args.check:
+                exact = exact_product(g, w)
+                for name, fn in runs.items():
+                    check(f"g@W {name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
+                del exact
+            times = {name: median_us(fn) for name, fn in runs.items()}
+            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
+                    f"**{times['torch'] / times['ours']:.2f}** | {times['torch'] / times['fused']:.2f} | "
+                    f"{times['torch'] / times['dequant']:.2f} | "
+                    f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s |")
+            print(line, flush=True)
+            backward_rows.append(line)
+        del packed, state, bnb_state, w
+        torch.cuda.empty_cache()
+
+    report = "\n".join([
+        f"{header}\n",
+        "x @ W.T: times in us (median, L2 cleared), speedup = torch bf16 time / time\n",
+        "| N x K | M | torch bf16 | ours | ours x | small-M x | fused x | dequant+cuBLAS x | bnb | bnb x | ours rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *forward_rows,
+        "\ng @ W (input gradient): times in us, speedup = torch bf16 `g @ W` time / time\n",
+        "| N x K | M | torch bf16 | ours | ours x | fused x | dequant+cuBLAS x | ours rate |",
+        "|---|---|---|---|---|---|---|---|",
+        *backward_rows,
+        "\ndequantize_nf4 alone (to bf16): time in us, GB/s of packed W + stats + bf16 output\n",
+        "| N x K | us | GB/s |",
+        "|---|---|---|",
+        *dequant_rows,
+    ])
+    if failures:
+        report += f"\n\nCHECK FAILURES: {', '.join(failures)}"
+    print("\n" + report)
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "nf4_matmul.md")
+        with open(path + ".tmp", "w") as f:
+            f.write(report + "\n")
+        os.replace(path + ".tmp", path)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

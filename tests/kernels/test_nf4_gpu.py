@@ -1,0 +1,102 @@
+"""The NF4 kernels on CUDA: bfloat16 and float16, model-sized and odd shapes, every strategy.
+
+Run on a GPU machine from the repo root: PYTHONPATH=. python -m pytest -m gpu tests/kernels -q
+The first call of each shape autotunes (a few seconds each); Triton caches the compiled kernels.
+Tolerances relative to |x| @ |W|.T with the exact result in fp64: bfloat16 8e-3 (W and y each
+rounded to bf16 once: <= 2 * 2^-8), float16 2e-3, float32 1e-4 (K up to 14336 terms in fp32).
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import nf4_matmul, reference
+from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+RTOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-4}
+# (N, K, blocksize): Llama-8B shapes; rows that do not hold whole blocks (4100 % 64 = 4); odd K.
+SHAPES = [(4096, 4096, 64), (4096, 14336, 64), (4095, 4100, 64), (333, 4099, 128)]
+ROWS = [1, 3, 16, 17, 64, 4096]
+
+
+def _weight(n_rows, n_cols, blocksize, double_quant=True):
+    packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant, device="cuda")
+    return packed, state, reference.dequantize_nf4(packed, state, torch.float32)
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", SHAPES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_bit_exact(n_rows, n_cols, blocksize, double_quant):
+    packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant, device="cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(kernels.dequantize_nf4(packed, state, dtype),
+                           reference.dequantize_nf4(packed, state, dtype)), dtype
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_matmul_nf4_bf16(n_rows, n_cols, blocksize, m):
+    packed, state, weight = _weight(n_rows, n_cols, blocksize)
+    x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16)
+    assert_matmul_close(kernels.matmul_nf4(x, packed, state, bias), x, weight.T, bias, RTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_matmul_nf4_t_bf16(n_rows, n_cols, blocksize, m):
+    packed, state, weight = _weight(n_rows, n_cols, blocksize)
+    g = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
+    assert_matmul_close(kernels.matmul_nf4_t(g, packed, state), g, weight, None, RTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_other_dtypes(dtype, m):
+    packed, state, weight = _weight(4095, 4100, 64, double_quant=False)
+    x = torch.randn(m, 4100, device="cuda", dtype=dtype)
+    assert_matmul_close(kernels.matmul_nf4(x, packed, state), x, weight.T, None, RTOL[dtype])
+    g = torch.randn(m, 4095, device="cuda", dtype=dtype)
+    assert_matmul_close(kernels.matmul_nf4_t(g, packed, state), g, weight, None, RTOL[dtype])
+
+
+FORWARD = {
+    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
+    "gemv-split4": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=4),
+    "fused": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b),
+    "fused-split2": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b, split_k=2),
+    "dequantize": lambda x, p, s, b: nf4_matmul.matmul_nf4_dequantize(x, p, s, b),
+}
+TRANSPOSED = {
+    "small": lambda g, p, s: nf4_matmul.matmul_nf4_t_small_m(g, p, s, split_n=1),
+    "small-split4": lambda g, p, s: nf4_matmul.matmul_nf4_t_small_m(g, p, s, split_n=4),
+    "fused": lambda g, p, s: nf4_matmul.matmul_nf4_t_fused(g, p, s),
+    "dequantize": lambda g, p, s: nf4_matmul.matmul_nf4_t_dequantize(g, p, s),
+}
+
+
+@pytest.mark.parametrize("strategy", FORWARD)
+@pytest.mark.parametrize("m", [2, 16, 64])
+def test_every_forward_strategy(strategy, m):
+    packed, state, weight = _weight(1024, 4096, 64)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    assert_matmul_close(FORWARD[strategy](x, packed, state, bias), x, weight.T, bias, RTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("strategy", TRANSPOSED)
+@pytest.mark.parametrize("m", [2, 64])
+def test_every_transposed_strategy(strategy, m):
+    packed, state, weight = _weight(4096, 1024, 64)
+    g = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    assert_matmul_close(TRANSPOSED[strategy](g, packed, state), g, weight, None, RTOL[torch.bfloat16])
+
+
+def test_offset_on_the_host_and_leading_dims():
+    packed, state, weight = _weight(4096, 4096, 64)
+    state.offset = float(state.offset)
+    x = torch.randn(2, 8, 4096, device="cuda", dtype=torch.bfloat16)
+    got = kernels.matmul_nf4(x, packed, state)
+    assert got.shape == (2, 8, 4096)
+    assert_matmul_close(got.reshape(16, 4096), x.reshape(16, 4096), weight.T, None, RTOL[torch.bfloat16])

@@ -262,22 +262,28 @@ class _Segment:
 
     def gather(self) -> list[int]:
         """Point every parameter and gradient back into the flat buffers (copying where something
-        replaced them); return the positions of parameters without a gradient, zeroed."""
-        missing = []
+        replaced them, in one multi-tensor copy); return the positions of parameters without a
+        gradient, whose gradient slots are zeroed."""
+        missing, replaced = [], []
         for pos, p in enumerate(self.params):
             if p.data_ptr() != self.param_ptrs[pos]:
                 self._readopt(pos)
-            g, view = p.grad, self.grad_views[pos]
-            if g is view:
+            g = p.grad
+            if g is self.grad_views[pos]:
                 continue
             if g is None:
-                view.zero_()
                 missing.append(pos)
-                continue
-            if g.is_sparse:
+            elif g.is_sparse:
                 raise TypeError(f"AdamW: parameter {self.indices[pos]} has a sparse gradient")
-            view.copy_(g)
-            p.grad = view
+            else:
+                replaced.append(pos)
+        if replaced:
+            torch._foreach_copy_([self.grad_views[pos] for pos in replaced],
+                                 [self.params[pos].grad for pos in replaced])
+            for pos in replaced:
+                self.params[pos].grad = self.grad_views[pos]
+        if missing:
+            torch._foreach_zero_([self.grad_views[pos] for pos in missing])
         return missing
 
     def _readopt(self, pos: int) -> None:
@@ -516,8 +522,8 @@ def _first_nonfinite(active: list[tuple[_Segment, list[int]]]) -> tuple[_Segment
     """(segment, position) of the first parameter with an inf/nan gradient, or None; one sync
     when all are finite (Note [non-finite gradients])."""
     sums = [segment.flat_grad.sum(dtype=torch.float32) for segment, _ in active]
-    device = sums[0].device
-    if math.isfinite(torch.stack([s.to(device) for s in sums]).sum().item()):
+    total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device) for s in sums]).sum()
+    if math.isfinite(total.item()):
         return None
     for segment, missing in active:
         for pos, view in enumerate(segment.grad_views):

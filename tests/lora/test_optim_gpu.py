@@ -9,7 +9,7 @@ from lora.optim import AdamW, load_state, save_state
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-BUDGET = 1 << 20  # 4 slots of 256 KiB: dozens of pages per step
+BUDGET = 256 << 10  # 4 slots of 64 KiB: dozens of pages per step
 
 
 def _lora_params(layers=4, d=1024, r=16):
@@ -60,13 +60,11 @@ def test_32bit_matches_torch_adamw_on_cuda():
 
 @pytest.mark.parametrize("bits", [32, 8])
 def test_paged_equals_unpaged_on_cuda_and_stays_within_budget(bits):
-    params = _lora_params()
+    params = _lora_params(layers=8)
     twins = _clone(params)
     grads = _grads(params, 20)
     unpaged = AdamW(params, lr=1e-3, weight_decay=0.01, state_bits=bits)
     _run(unpaged, params, grads)
-    for p, g in zip(twins, grads[0]):
-        p.grad = g.clone()
     paged = AdamW(twins, lr=1e-3, weight_decay=0.01, state_bits=bits, paged=True, page_budget_bytes=BUDGET)
     _run(paged, twins, grads[:1])  # the first step allocates the slots
     torch.cuda.synchronize()
@@ -76,7 +74,7 @@ def test_paged_equals_unpaged_on_cuda_and_stays_within_budget(bits):
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= 64 << 10  # nothing grows per step
     store = next(iter(paged._stores.values()))
-    assert sum(len(s.pages) for s in paged._segments) >= 3 * len(store.slots)
+    assert len(store.slots) == 4 and sum(len(s.pages) for s in paged._segments) >= 8  # slots reused
     assert paged.state_bytes()["device"] <= BUDGET
     assert all(page.store.is_pinned() for s in paged._segments for page in s.pages)
     for p, q in zip(params, twins):
@@ -86,7 +84,7 @@ def test_paged_equals_unpaged_on_cuda_and_stays_within_budget(bits):
 
 
 def test_paged_state_memory_on_the_device_is_the_working_set():
-    params = _lora_params(layers=8, d=2048)  # ~1.3M parameters: 10 MiB of 32-bit state
+    params = _lora_params(layers=8, d=2048)  # 0.85M parameters: 6.5 MiB of 32-bit state
     for p in params:
         p.grad = torch.randn_like(p)
     torch.cuda.synchronize()
@@ -109,7 +107,8 @@ def test_8bit_on_cuda_follows_the_cpu_reference(paged):
     _run(ours, params, grads)
     _run(reference, cpu, [[g.cpu() for g in step] for step in grads])
     for p, q in zip(params, cpu):  # a code may round the other way where float32 rounding differs
-        torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=5e-5)
+        assert (p.cpu() - q).abs().mean() < 1e-6
 
 
 def _mlp():
@@ -133,7 +132,7 @@ def test_8bit_trains_like_32bit_on_cuda():
             opt.step()
         with torch.no_grad():
             losses[bits, paged] = ((model(x) - y) ** 2).mean().item()
-    assert losses[8, False] == losses[8, True]
+    assert losses[8, False] == pytest.approx(losses[8, True], rel=1e-5)
     assert abs(losses[8, False] / losses[32, False] - 1) < 0.1, losses
 
 

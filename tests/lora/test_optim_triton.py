@@ -58,23 +58,23 @@ def _quantized_state(n):
     return [mc, ma, vc, va]
 
 
-def test_adamw8bit_kernel_matches_the_reference_over_steps():
+def test_adamw8bit_kernel_matches_the_reference_step_by_step():
     n = 256 * 13  # 13 blocks: a program (4 blocks) with masked rows
     tables = optim._tables(torch.device(DEVICE))
     p = torch.randn(n, device=DEVICE)
     state = _quantized_state(n)
-    p_ref, state_ref = p.clone(), [t.clone() for t in state]
-    for t in range(1, 4):
-        g = torch.randn(n, device=DEVICE)
+    for t in range(1, 4):  # each step from the kernel's state, so a rare code that rounded the
+        g = torch.randn(n, device=DEVICE)  # other way is not carried into the next comparison
+        p_ref, state_ref = p.clone(), [s.clone() for s in state]
         adamw.adamw8bit_(p, g, *state, *tables, **_constants(t))
         optim.adamw8bit_reference_(p_ref, g, *state_ref, *tables, **_constants(t))
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
-    for i in (1, 3):  # absmax
-        torch.testing.assert_close(state[i], state_ref[i], rtol=1e-5, atol=1e-12)
-    for i in (0, 2):  # codes: equal but where float32 rounding put a value across a midpoint
-        differ = state[i] != state_ref[i]
-        assert differ.float().mean() < 2e-3
-        assert ((state[i].int() - state_ref[i].int())[differ].abs() == 1).all()
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)  # from float32 m, v: no codes
+        for i in (1, 3):  # absmax
+            torch.testing.assert_close(state[i], state_ref[i], rtol=1e-6, atol=1e-12)
+        for i in (0, 2):  # codes: equal but where float32 rounding put a value across a midpoint
+            differ = state[i] != state_ref[i]
+            assert differ.float().mean() < 2e-3
+            assert ((state[i].int() - state_ref[i].int())[differ].abs() == 1).all()
 
 
 def test_adamw8bit_kernel_keeps_an_all_zero_block_at_zero():

@@ -112,20 +112,22 @@ def main() -> None:
     n_params = sum(a * b for a, b in lora_shapes())
     budget = args.budget_mib << 20
     lr = dict(lr=2e-4, weight_decay=0.01)
+    paged = dict(paged=True, page_budget_bytes=budget)
     configs = {
         "torch AdamW fused=True": lambda ps: torch.optim.AdamW(ps, fused=True, **lr),
         "torch AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, foreach=True, **lr),
         "ours 32-bit": lambda ps: lora.optim.AdamW(ps, **lr),
         "ours 8-bit": lambda ps: lora.optim.AdamW(ps, state_bits=8, **lr),
-        "ours 32-bit paged": lambda ps: lora.optim.AdamW(ps, paged=True, page_budget_bytes=budget, **lr),
-        "ours 8-bit paged": lambda ps: lora.optim.AdamW(ps, state_bits=8, paged=True, page_budget_bytes=budget, **lr),
+        "ours 32-bit paged": lambda ps: lora.optim.AdamW(ps, **paged, **lr),
+        "ours 8-bit paged": lambda ps: lora.optim.AdamW(ps, state_bits=8, **paged, **lr),
     }
     h2d, d2h = pinned_bandwidth()
     results = {name: measure(make, args.steps, args.warmup) for name, make in configs.items()}
     fused = results["torch AdamW fused=True"]
 
     lines = [
-        f"# Optimizer step, Llama-3.1-8B LoRA r={R} ({len(lora_shapes())} fp32 tensors, {n_params / 1e6:.1f}M parameters)",
+        f"# Optimizer step, Llama-3.1-8B LoRA r={R} ({len(lora_shapes())} fp32 tensors, "
+        f"{n_params / 1e6:.1f}M parameters)",
         "",
         f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version}, "
         f"python {platform.python_version()}; {args.steps} steps after {args.warmup} warm-up; "
@@ -139,7 +141,8 @@ def main() -> None:
     for name, r in results.items():
         diff = (r["final"] - fused["final"]).abs().max().item()
         lines.append(f"| {name} | {r['ms']:.3f} | {r['wall_ms']:.3f} | {r['ms'] / fused['ms']:.2f}x | "
-                     f"{r['state'] / 2**20:.1f} | {r['peak'] / 2**20:.1f} | {r['host'] / 2**20:.1f} | {diff:.2e} |")
+                     f"{r['state'] / 2**20:.1f} | {r['peak'] / 2**20:.1f} | {r['host'] / 2**20:.1f} | "
+                     f"{diff:.2e} |")
     lines.append("")
     for bits in ("32-bit", "8-bit"):
         paged, unpaged = results[f"ours {bits} paged"], results[f"ours {bits}"]
@@ -147,8 +150,8 @@ def main() -> None:
         lines.append(
             f"- {bits} paged: {paged['ms'] / unpaged['ms']:.2f}x the unpaged step (target <= 1.5x); "
             f"PCIe bound {bound:.3f} ms (state {paged['host'] / 2**20:.0f} MiB each way), "
-            f"step / bound = {paged['ms'] / bound:.2f}; working set {paged['slots'] / 2**20:.1f} MiB of slots, "
-            f"{paged['state'] / 2**20:.1f} MiB measured, peak {paged['peak'] / 2**20:.1f} MiB, "
+            f"step / bound = {paged['ms'] / bound:.2f}; working set {paged['slots'] / 2**20:.1f} MiB "
+            f"of slots, {paged['state'] / 2**20:.1f} MiB measured, peak {paged['peak'] / 2**20:.1f} MiB, "
             f"budget {args.budget_mib} MiB: {'within' if max(paged['state'], paged['peak']) <= budget else 'OVER'}")
     ours32 = results["ours 32-bit"]
     lines.append(f"- unpaged 32-bit vs torch fused: {ours32['ms'] / fused['ms']:.2f}x (target <= 1.0x); "

@@ -107,7 +107,8 @@ def _adamw8bit_kernel(
               mask, row_mask)
 
 
-def _check(device: torch.device, n: int, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
+def _check(device: torch.device, n: int, tensors: dict[str, torch.Tensor],
+           dtypes: dict[str, torch.dtype]) -> None:
     for name, t in tensors.items():
         if t.numel() != n or not t.is_contiguous() or t.device != device:
             raise ValueError(f"adamw: {name} must be contiguous with {n} elements on {device}, "

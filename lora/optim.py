@@ -351,7 +351,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: state_bits must be 32 or 8, got {state_bits!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"AdamW: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if page_budget_bytes is not None and (not isinstance(page_budget_bytes, int) or page_budget_bytes <= 0):
+        budget_ok = isinstance(page_budget_bytes, int) and page_budget_bytes > 0
+        if page_budget_bytes is not None and not budget_ok:
             raise ValueError(f"AdamW: page_budget_bytes must be a positive int, got {page_budget_bytes!r}")
         self.state_bits = state_bits
         self.paged = bool(paged)
@@ -464,7 +465,8 @@ class AdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what state_dict() returned (any paging or budget); checks everything first."""
-        _check(state_dict.get("format") == FORMAT, f"'format' is {state_dict.get('format')!r}, not {FORMAT!r}")
+        found = state_dict.get("format")
+        _check(found == FORMAT, f"'format' is {found!r}, not {FORMAT!r}")
         bits = state_dict.get("state_bits")
         _check(bits == self.state_bits, f"'state_bits' is {bits!r} but this optimizer has {self.state_bits}")
         groups = state_dict.get("param_groups")
@@ -475,7 +477,8 @@ class AdamW(torch.optim.Optimizer):
         for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
             n = len(group["params"])
             _check(saved.get("params") == list(range(first, first + n)),
-                   f"param_groups[{i}] has parameters {saved.get('params')!r}, expected {first}..{first + n - 1}")
+                   f"param_groups[{i}] has parameters {saved.get('params')!r}, "
+                   f"expected {first}..{first + n - 1}")
             _check(isinstance(saved.get("step"), int) and saved["step"] >= 0,
                    f"param_groups[{i}]['step'] is {saved.get('step')!r}")
             _check_hyperparameters(saved, i)
@@ -488,7 +491,8 @@ class AdamW(torch.optim.Optimizer):
                     t = state[index].get(name)
                     _check(isinstance(t, torch.Tensor), f"state[{index}] has no tensor {name!r}")
                     _check(tuple(t.shape) == shape and t.dtype == dtype,
-                           f"state[{index}][{name!r}] is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+                           f"state[{index}][{name!r}] is {tuple(t.shape)} {t.dtype}, "
+                           f"expected {shape} {dtype}")
         for saved, group in zip(groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
             group["betas"] = tuple(group["betas"])

@@ -61,7 +61,8 @@ def test_matches_torch_adamw_for_100_steps_with_param_groups(paged):
     state = ours.state_dict()["state"]
     for i, q in enumerate(torch_params):
         torch.testing.assert_close(state[i]["exp_avg"], reference.state[q]["exp_avg"], rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(state[i]["exp_avg_sq"], reference.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(state[i]["exp_avg_sq"], reference.state[q]["exp_avg_sq"],
+                                   rtol=1e-6, atol=1e-12)
     assert [g["step"] for g in ours.param_groups] == [100, 100, 100]
 
 
@@ -239,7 +240,8 @@ def test_state_dict_is_plain_values_and_tensors():
     assert [set(sd["state"][i]) == eight for i in range(6)] == [True, False, True, False, True, False]
     assert set(sd["state"][1]) == {"exp_avg", "exp_avg_sq"}  # 7 elements: 32-bit
     assert sd["state"][5]["exp_avg"].shape == (33, 121)  # 3993 elements: under 4096, 32-bit
-    assert sd["state"][4]["exp_avg_codes"].shape == (4133,) and sd["state"][4]["exp_avg_absmax"].shape == (17,)
+    assert sd["state"][4]["exp_avg_codes"].shape == (4133,)
+    assert sd["state"][4]["exp_avg_absmax"].shape == (17,)
     assert all(t.device.type == "cpu" for entry in sd["state"].values() for t in entry.values())
 
 
@@ -261,7 +263,7 @@ def test_a_nonfinite_gradient_skips_the_whole_step(bad):
     assert opt.skipped_steps == 1
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     state_after = opt.state_dict()["state"]
-    assert all(torch.equal(state_after[i][k], state_before[i][k]) for i in state_before for k in state_before[i])
+    assert all(torch.equal(state_after[i][k], v) for i in state_before for k, v in state_before[i].items())
     assert [g["step"] for g in opt.param_groups] == [3, 3, 3]
     _run(opt, params, data, 2)  # the skipped step left no trace
     _run(clean, twins, data, 2)
@@ -348,7 +350,8 @@ def test_bad_arguments_are_named(kw, match):
 
 def test_integer_parameters_are_refused():
     with pytest.raises(TypeError, match="parameter 1 is torch.int64"):
-        AdamW([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)])
+        AdamW([nn.Parameter(torch.zeros(3)),
+               nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)])
 
 
 def test_load_state_errors_name_the_file_and_the_problem(tmp_path):
@@ -357,12 +360,14 @@ def test_load_state_errors_name_the_file_and_the_problem(tmp_path):
     _run(opt, params, _data(params), 1)
     path = tmp_path / "opt.safetensors"
     save_state(opt, path)
-    with pytest.raises(ValueError, match=r"opt.safetensors: optimizer state: 'state_bits' is 8 but this optimizer has 32"):
+    with pytest.raises(ValueError, match=r"opt.safetensors: optimizer state: 'state_bits' is 8 but this "
+                                         r"optimizer has 32"):
         load_state(AdamW(_groups(_clone(params))), path)
     with pytest.raises(ValueError, match=r"param_groups' has 3 groups, this optimizer 1"):
         load_state(AdamW(_clone(params), state_bits=8), path)
     other = _params(SHAPES[:4] + [(4096 + 38,), (33, 121)])
-    with pytest.raises(ValueError, match=r"state\[4\]\['exp_avg_codes'\] is \(4133,\) torch.uint8, expected \(4134,\)"):
+    with pytest.raises(ValueError, match=r"state\[4\]\['exp_avg_codes'\] is \(4133,\) torch.uint8, "
+                                         r"expected \(4134,\)"):
         load_state(AdamW(_groups(other), state_bits=8), path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):

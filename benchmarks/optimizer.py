@@ -112,14 +112,14 @@ def main() -> None:
     n_params = sum(a * b for a, b in lora_shapes())
     budget = args.budget_mib << 20
     lr = dict(lr=2e-4, weight_decay=0.01)
-    paged = dict(paged=True, page_budget_bytes=budget)
+    paging = dict(paged=True, page_budget_bytes=budget)
     configs = {
         "torch AdamW fused=True": lambda ps: torch.optim.AdamW(ps, fused=True, **lr),
         "torch AdamW foreach=True": lambda ps: torch.optim.AdamW(ps, foreach=True, **lr),
         "ours 32-bit": lambda ps: lora.optim.AdamW(ps, **lr),
         "ours 8-bit": lambda ps: lora.optim.AdamW(ps, state_bits=8, **lr),
-        "ours 32-bit paged": lambda ps: lora.optim.AdamW(ps, **paged, **lr),
-        "ours 8-bit paged": lambda ps: lora.optim.AdamW(ps, state_bits=8, **paged, **lr),
+        "ours 32-bit paged": lambda ps: lora.optim.AdamW(ps, **paging, **lr),
+        "ours 8-bit paged": lambda ps: lora.optim.AdamW(ps, state_bits=8, **paging, **lr),
     }
     h2d, d2h = pinned_bandwidth()
     results = {name: measure(make, args.steps, args.warmup) for name, make in configs.items()}

@@ -8,12 +8,13 @@
     lora.optim.AdamW(params, lr=2e-4, state_bits=8, paged=True)
 The trainer: `python -m lora.train config.toml`, or `import lora.train; lora.train.run(config)`.
 """
+from . import optim
 from .io import load, save
 from .layers import LoRALinear
 from .merge import disabled, merge, merged_state_dict, trainable_parameters, unmerge
 from .wrap import lora_layers, wrap
 
 __all__ = [
-    "wrap", "save", "load", "merge", "unmerge", "merged_state_dict", "disabled",
+    "optim", "wrap", "save", "load", "merge", "unmerge", "merged_state_dict", "disabled",
     "trainable_parameters", "lora_layers", "LoRALinear",
 ]

@@ -173,7 +173,7 @@ class Trainer:
             group["lr"] = lr
         skipped_before = self.optimizer.skipped_steps
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.progress.step += 1
         self.progress.skipped_steps += self.optimizer.skipped_steps - skipped_before
         tokens = sum(int((b.document_ids >= 0).sum()) for b in batches)

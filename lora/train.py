@@ -28,11 +28,11 @@ import lora.optim
 import models
 from lora.config import Config, apply_overrides, load_config, parse_args
 from lora.data import (
-    Batch, DataStats, pack, pad_rows, read_jsonl, split_eval, tokenize, unpacked,
+    IGNORE, Batch, DataStats, pack, pad_rows, read_jsonl, split_eval, tokenize, unpacked,
 )
 from lora.loss import causal_lm_loss_sum
 
-__all__ = ["Config", "run", "main", "learning_rate", "Trainer"]
+__all__ = ["Config", "run", "main", "learning_rate", "Trainer", "training_step", "loss_sum"]
 
 
 def learning_rate(config: Config, step: int, total_steps: int) -> float:
@@ -72,6 +72,38 @@ def resolve_model_path(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     return path
+
+
+def loss_sum(model, batch: Batch, device: torch.device, autocast) -> torch.Tensor:
+    """Summed next-token loss of one batch (see lora.loss). Rows that each hold one unpadded
+    document need no attention mask, so SDPA keeps its fast causal path."""
+    packed = bool((batch.document_ids != 0).any())  # several documents in a row, or padding
+    batch = batch.to(device)
+    with autocast:
+        hidden = model.model(batch.input_ids, position_ids=batch.position_ids,
+                             document_ids=batch.document_ids if packed else None)  # (B, T, D)
+        return causal_lm_loss_sum(hidden, model.lm_head, batch.labels)
+
+
+def training_step(model, params, optimizer, batches: list[Batch], lr: float, max_grad_norm: float,
+                  device: torch.device, autocast) -> dict:
+    """One optimizer step over `batches` (gradient accumulation): the loss is the mean over every
+    trained token of all of them; gradients are clipped to max_grad_norm; `autocast()` gives the
+    autocast context. Returns loss, lr, grad_norm and the number of tokens."""
+    model.train()
+    n_trained = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        loss = loss_sum(model, batch, device, autocast()) / max(n_trained, 1)
+        loss.backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad()
+    tokens = sum(int((b.document_ids >= 0).sum()) for b in batches)
+    return {"loss": float(total), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
 
 
 @dataclass
@@ -152,33 +184,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        batch = batch.to(self.device)
-        with self._autocast():
-            hidden = self.model.model(batch.input_ids, position_ids=batch.position_ids,
-                                      document_ids=batch.document_ids)  # (B, T, D)
-            return causal_lm_loss_sum(hidden, self.model.lm_head, batch.labels)
+        return loss_sum(self.model, batch, self.device, self._autocast())
 
     def train_step(self) -> dict:
-        self.model.train()
         batches = [self._next_batch() for _ in range(self.config.grad_accum)]
-        n_trained = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
-        total = 0.0
-        for batch in batches:
-            loss = self._loss_sum(batch) / max(n_trained, 1)
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         lr = learning_rate(self.config, self.progress.step, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         skipped_before = self.optimizer.skipped_steps
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        metrics = training_step(self.model, self.params, self.optimizer, batches, lr,
+                                self.config.max_grad_norm, self.device, self._autocast)
         self.progress.step += 1
         self.progress.skipped_steps += self.optimizer.skipped_steps - skipped_before
-        tokens = sum(int((b.document_ids >= 0).sum()) for b in batches)
-        self.progress.tokens_seen += tokens
-        return {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+        self.progress.tokens_seen += metrics["tokens"]
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

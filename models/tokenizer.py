@@ -86,10 +86,8 @@ class Tokenizer:
         return self._backend.encode(text, continuation)
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        if skip_special:
-            ids = [i for i in ids if i not in self._special_ids]
-        return self._backend.decode(ids)
+        """Text of `ids`; special tokens appear as their strings unless skip_special."""
+        return self._backend.decode([int(i) for i in ids], skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self.special_tokens.get(token, self._backend.token_to_id(token))
@@ -210,14 +208,16 @@ class SentencePieceBackend:
             text = text[1:]
         return self.sp.encode(text)
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        """The runs between special tokens decoded on their own, as they were encoded."""
         out, run = [], []
         for i in ids:
-            if i in self.specials.values() and not self.sp.is_unknown(i):
+            if self.sp.is_control(i):
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
-                out.append(self.sp.id_to_piece(i))
+                if not skip_special:
+                    out.append(self.sp.id_to_piece(i))
             else:
                 run.append(i)
         if run:
@@ -241,8 +241,8 @@ class HFTokenizersBackend:
     def encode(self, text: str, continuation: bool) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)

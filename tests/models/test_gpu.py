@@ -1,0 +1,75 @@
+"""The same paths on CUDA: bf16 forward with packing, GGUF dequantization and NF4 loading on the GPU."""
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.gguf import dequantize
+from models.llama import Llama, LlamaConfig
+from tests.models import gguf_writer as gw
+from tests.models.test_load import write_folder
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def small_config(**overrides) -> LlamaConfig:
+    base = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaConfig(**{**base, **overrides})
+
+
+def test_bf16_cuda_forward_with_packing_matches_cpu_float32():
+    model = Llama(small_config()).eval()
+    ids = torch.randint(0, 256, (2, 128))
+    doc = torch.cat([torch.zeros(2, 50), torch.ones(2, 60), torch.full((2, 18), -1)], dim=1).long()
+    with torch.no_grad():
+        expected = model(ids, document_ids=doc)
+        got = model.to("cuda", torch.bfloat16)(ids.cuda(), document_ids=doc.cuda()).float().cpu()
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_cuda_kv_cache_and_generation_agree():
+    model = Llama(small_config()).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    prompt = torch.randint(0, 256, (9,)).tolist()
+    cached = models.generate_ids(model, prompt, max_new_tokens=20)
+    assert cached == models.generate_ids(model, prompt, max_new_tokens=20, use_cache=False)
+
+
+def test_gguf_dequantize_on_cuda_equals_cpu():
+    rng = np.random.default_rng(0)
+    blocks = {
+        gw.Q8_0: b"".join(gw.q8_0_block(float(rng.normal()), rng.integers(-128, 128, 32)) for _ in range(64)),
+        gw.Q4_0: b"".join(gw.q4_0_block(float(rng.normal()), rng.integers(0, 16, 32)) for _ in range(64)),
+        gw.Q4_1: b"".join(gw.q4_1_block(float(rng.normal()), float(rng.normal()), rng.integers(0, 16, 32))
+                          for _ in range(64)),
+    }
+    for ggml_type, raw in blocks.items():
+        cpu_raw = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        torch.testing.assert_close(dequantize(cpu_raw.cuda(), ggml_type).cpu(), dequantize(cpu_raw, ggml_type),
+                                   rtol=0, atol=0)
+
+
+def test_nf4_load_on_cuda_equals_cpu(tmp_path):
+    pytest.importorskip("quant")
+    model = Llama(small_config())
+    write_folder(tmp_path / "m", model, shards=2)
+    on_gpu = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device="cuda", quantize="nf4")
+    on_cpu = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    assert all(t.device.type == "cuda" for t in on_gpu.state_dict().values())
+    cpu_modules = dict(on_cpu.named_modules())
+    for name, module in on_gpu.named_modules():
+        if type(module).__name__ == "Linear4bit":  # quantized on the GPU: the same 4-bit weights
+            w_gpu, w_cpu = module.dequantize(torch.float32).cpu(), cpu_modules[name].dequantize(torch.float32)
+            same = torch.isclose(w_gpu, w_cpu, rtol=1e-5, atol=1e-7)  # reductions may differ in the last bit
+            assert same.float().mean() > 0.999, name  # and rare ties may round the other way
+            torch.testing.assert_close(w_gpu, w_cpu, rtol=0, atol=0.2 * w_cpu.abs().max().item(), msg=name)
+    for (name, a), (_, b) in zip(on_gpu.named_parameters(), on_cpu.named_parameters()):
+        if a.is_floating_point():
+            assert torch.equal(a.cpu(), b), name
+    ids = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        got, expected = on_gpu(ids.cuda()).float().cpu(), on_cpu(ids).float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()

@@ -7,9 +7,10 @@ Note [streaming load]
     tensor), checked against the shape the config implies, converted to `dtype` on `device` and
     assigned. With quantize="nf4" each linear layer but `lm_head` becomes a `quant.Linear4bit`
     the moment its weight arrives, so at any time memory holds the finished part of the model
-    plus one full-precision weight. A pre-quantized bitsandbytes folder fills `quant.Linear4bit`
-    layers straight from the stored 4-bit tensors. Any key left unread in the source, or any
-    parameter with no key, is an error that names the file and the key.
+    plus one full-precision weight. A layer stored in bitsandbytes' 4-bit layout (a `*-bnb-4bit`
+    folder) becomes a `quant.Linear4bit` straight from the stored tensors, never re-quantized.
+    Before anything is read, the source's keys are checked against the model: a parameter with
+    no tensor, or a tensor with no place, is an error naming the file and the key.
 """
 import json
 import struct
@@ -49,9 +50,8 @@ def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
             raise FileNotFoundError(f"{config_path}: missing; an HF-format model folder needs config.json")
         hf_config = json.loads(config_path.read_text())
         cfg = LlamaConfig.from_hf_config(config_path)
-        prequantized = _bnb_quantization(hf_config, config_path)
-        if prequantized:  # stored 4-bit layers load as they are; the others stay in dtype
-            quantize = "prequantized"
+        if _bnb_quantization(hf_config, config_path):
+            quantize = None  # stored 4-bit layers load as they are; the checkpoint's other layers stay in dtype
         with SafetensorsSource(path) as source:
             return _fill(source, cfg, dtype, device, quantize)
     raise FileNotFoundError(f"{path}: no such file or folder")
@@ -78,74 +78,98 @@ def _fill(source, cfg: LlamaConfig, dtype, device, quantize) -> Llama:
     """Build `cfg` on meta and fill it from `source`. See Note [streaming load]."""
     with torch.device("meta"):
         model = Llama(cfg)
+    _check_keys(source, model)
     device = torch.device(device)
-    consumed: set[str] = set()
     for module_name, module in list(model.named_modules()):
         prefix = module_name + "." if module_name else ""
-        if isinstance(module, nn.Linear) and quantize is not None and module_name != "lm_head":
-            stored_4bit = any(source.has(prefix + _BNB_QUANT_STATE + t) for t in ("nf4", "fp4"))
-            if quantize == "prequantized" and stored_4bit:
-                new = _read_prequantized_linear(source, module, prefix, dtype, device, consumed)
-            elif quantize == "nf4":
-                new = _quantize_linear(source, module, prefix, dtype, device, consumed)
-            else:  # a layer a bitsandbytes checkpoint left unquantized
-                _fill_parameters(source, module, prefix, dtype, device, consumed)
-                continue
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
-            continue
         if module_name == "lm_head" and cfg.tie_word_embeddings:
-            consumed.add("lm_head.weight")  # some tied checkpoints store a copy; the embedding wins
+            continue  # tie_weights() below; a stored copy of the head is not read
+        if isinstance(module, nn.Linear) and _stored_4bit(source, prefix):
+            new = _read_prequantized_linear(source, module, prefix, dtype, device)
+        elif isinstance(module, nn.Linear) and quantize == "nf4" and module_name != "lm_head":
+            new = _quantize_linear(source, module, prefix, dtype, device)
+        else:
+            _fill_parameters(source, module, prefix, dtype, device)
             continue
-        _fill_parameters(source, module, prefix, dtype, device, consumed)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
     model.tie_weights()
-    unread = [k for k in source.keys() if k not in consumed and not k.endswith(_IGNORED_SUFFIXES)]
-    if unread:
-        raise ValueError(f"{source.where(unread[0])}: tensor {unread[0]!r} does not belong to a Llama of this "
-                         f"config ({len(unread)} unexpected tensors: {', '.join(unread[:5])}"
-                         f"{', ...' if len(unread) > 5 else ''})")
     return model
 
 
-def _read(source, key: str, expected_shape, dtype, device, consumed) -> torch.Tensor:
-    if not source.has(key):
-        raise ValueError(f"{source.describe()}: missing tensor {key!r}")
+def _stored_4bit(source, prefix: str) -> bool:
+    return any(source.has(prefix + _BNB_QUANT_STATE + t) for t in ("nf4", "fp4"))
+
+
+def _check_keys(source, model: Llama):
+    """Before reading anything: every parameter has a tensor, and every tensor has a place."""
+    expected = set(model.state_dict())
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    quantized = {name + "." for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and _stored_4bit(source, name + ".")}
+
+    def belongs(key):
+        return (key in expected or key.endswith(_IGNORED_SUFFIXES) or
+                (key == "lm_head.weight" and model.config.tie_word_embeddings) or
+                any(key.startswith(prefix + "weight.") for prefix in quantized))
+
+    missing = sorted(k for k in expected if not source.has(k))
+    if missing:
+        raise ValueError(f"{source.describe()}: missing tensor {missing[0]!r}"
+                         + (f" ({len(missing)} missing: {', '.join(missing[:5])}, ...)" if len(missing) > 1 else ""))
+    unexpected = [k for k in source.keys() if not belongs(k)]
+    if unexpected:
+        raise ValueError(f"{source.where(unexpected[0])}: tensor {unexpected[0]!r} does not belong to a Llama of "
+                         f"this config ({len(unexpected)} unexpected tensors: {', '.join(unexpected[:5])}"
+                         f"{', ...' if len(unexpected) > 5 else ''})")
+
+
+def _read(source, key: str, expected_shape, dtype, device) -> torch.Tensor:
     shape = tuple(source.shape(key))
     if shape != tuple(expected_shape):
         raise ValueError(f"{source.where(key)}: tensor {key!r} has shape {shape}, the config expects "
                          f"{tuple(expected_shape)}")
-    consumed.add(key)
-    return source.get(key, device).to(dtype=dtype)
+    return _owned(source.get(key, device), dtype)
 
 
-def _fill_parameters(source, module: nn.Module, prefix: str, dtype, device, consumed):
+def _owned(tensor: torch.Tensor, dtype=None) -> torch.Tensor:
+    """`tensor` in `dtype`, in memory of its own.
+
+    safetensors hands out CPU tensors that view the memory-mapped file; a model built on those
+    would break (SIGBUS) if the file were later truncated or rewritten in place, so such a
+    tensor is copied unless the dtype conversion already made a copy."""
+    out = tensor if dtype is None else tensor.to(dtype=dtype)
+    if out.device.type == "cpu" and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        out = out.clone()
+    return out
+
+
+def _fill_parameters(source, module: nn.Module, prefix: str, dtype, device):
     """Replace the module's own (meta) parameters by tensors read from the source."""
     for name, param in list(module.named_parameters(recurse=False)):
-        tensor = _read(source, prefix + name, param.shape, dtype, device, consumed)
+        tensor = _read(source, prefix + name, param.shape, dtype, device)
         setattr(module, name, nn.Parameter(tensor, requires_grad=param.requires_grad))
 
 
-def _quantize_linear(source, linear: nn.Linear, prefix: str, dtype, device, consumed) -> nn.Module:
+def _quantize_linear(source, linear: nn.Linear, prefix: str, dtype, device) -> nn.Module:
     """Read one linear layer's weight (and bias) and return it as quant.Linear4bit (NF4, double quant)."""
     import quant
-    weight = _read(source, prefix + "weight", linear.weight.shape, dtype, device, consumed)
+    weight = _read(source, prefix + "weight", linear.weight.shape, dtype, device)
     bias = None
     if linear.bias is not None:
-        bias = _read(source, prefix + "bias", linear.bias.shape, dtype, device, consumed)
+        bias = _read(source, prefix + "bias", linear.bias.shape, dtype, device)
     return quant.Linear4bit.from_weight(weight, bias, blocksize=64, double_quant=True, quant_type="nf4",
                                         compute_dtype=dtype)
 
 
-def _read_prequantized_linear(source, linear: nn.Linear, prefix: str, dtype, device, consumed) -> nn.Module:
+def _read_prequantized_linear(source, linear: nn.Linear, prefix: str, dtype, device) -> nn.Module:
     """A quant.Linear4bit filled from a bitsandbytes 4-bit state dict (packed weight + statistics)."""
     import quant
-    keys = [k for k in source.keys() if k.startswith(prefix + "weight")]
-    state = {}
-    for key in keys:
-        consumed.add(key)
-        state[key[len(prefix):]] = source.get(key, device)
+    state = {key[len(prefix):]: _owned(source.get(key, device))
+             for key in source.keys() if key.startswith(prefix + "weight")}
     if linear.bias is not None:
-        state["bias"] = _read(source, prefix + "bias", linear.bias.shape, dtype, device, consumed)
+        state["bias"] = _read(source, prefix + "bias", linear.bias.shape, dtype, device)
     layer = quant.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                              compute_dtype=dtype, device="meta")
     try:

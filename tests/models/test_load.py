@@ -57,6 +57,17 @@ def test_hf_folder_loads_the_same_model(tmp_path, shards, tied):
     same_logits(loaded, model)
 
 
+def test_loaded_weights_do_not_map_the_file(tmp_path):
+    """safetensors' CPU tensors view the memory-mapped file; ours are copies, so rewriting the
+    checkpoint in place (here: truncating it) leaves a loaded model intact."""
+    model = Llama(tiny_config())
+    write_folder(tmp_path / "m", model)
+    loaded = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with open(tmp_path / "m" / "model.safetensors", "r+b") as f:
+        f.truncate(0)
+    same_logits(loaded, model)
+
+
 def test_dtype_conversion_and_ignored_keys(tmp_path):
     model = Llama(tiny_config(tie_word_embeddings=True))
     # an older checkpoint: rotary inv_freq buffers stored, and a tied head stored as well

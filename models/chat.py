@@ -143,11 +143,10 @@ def detect_chat_format(template: str | None, special_tokens=(), sentencepiece: b
             return ChatFormat("llama3", knowledge_header=knowledge,
                               date_string=None if "strftime_now" in template else _LLAMA31_DATE)
         if "<|im_start|>" in template:
-            default = None
-            match = _CHATML_DEFAULT_SYSTEM.search(template)
-            if match and "!= 'system'" in template.replace('"', "'"):
-                default = match.group(1).replace("\\n", "\n")
-            return ChatFormat("chatml", default_system=default)
+            # a literal system turn (no Jinja expression inside) is the default system message
+            literals = (m.group(1) for m in _CHATML_DEFAULT_SYSTEM.finditer(template))
+            default = next((text for text in literals if not any(c in text for c in "'\"{}+")), None)
+            return ChatFormat("chatml", default_system=None if default is None else default.replace("\\n", "\n"))
         if "[INST]" in template:
             return ChatFormat("llama2")
     if "<|start_header_id|>" in special_tokens:

@@ -192,6 +192,10 @@ def test_detect_chat_format():
     # an escaped newline inside a tokenizer_config.json template
     qwen = "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     assert detect_chat_format(qwen).default_system == "You are a helpful assistant."
+    # a system turn built from the messages is no default; a literal one later in the template is
+    built = "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    assert detect_chat_format(built).default_system is None
+    assert detect_chat_format(built + qwen).default_system == "You are a helpful assistant."
 
 
 # ---- files and bad input -------------------------------------------------------------------------

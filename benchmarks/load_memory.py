@@ -6,9 +6,10 @@
 It writes a random-weight checkpoint of the preset's shape (bf16, 2 GB safetensors shards with an
 index, as HF checkpoints come) without ever holding the whole model, then loads it in a fresh
 process per mode and reports: load time, peak and final memory (GPU: torch.cuda max/now allocated;
-CPU: peak anonymous RSS, sampled every 2 ms, so file pages of the memory-mapped checkpoint do not
-count), against the size of the loaded model and of its largest single tensor. Streaming works
-when peak - final stays near one layer's weights rather than the whole model.
+CPU: anonymous RSS, sampled every 2 ms, so page cache of the memory-mapped checkpoint does not
+count; freed CPU memory is not always returned to the OS, so final includes some of the
+allocator's slack), against the size of the loaded model and of its largest single tensor.
+Streaming works when peak - final stays near one tensor rather than the whole model.
 """
 import argparse
 import json
@@ -73,6 +74,8 @@ def _rss_anon() -> int:
 def measure(folder: Path, device: str, quantize: str | None) -> dict:
     """Load once in this process and report times and memory (run in a fresh process)."""
     from models import Llama
+    if quantize:
+        import quant  # noqa: F401  (imported before the baseline: its import is not the load's memory)
     peak_anon = [_rss_anon()]
     baseline_anon = peak_anon[0]
     done = threading.Event()
@@ -101,7 +104,8 @@ def measure(folder: Path, device: str, quantize: str | None) -> dict:
     largest = max(p.numel() for p in model.parameters()) * 2  # in bf16, as read
     result = {"mode": quantize or "bf16", "device": device, "load_s": round(seconds, 1),
               "model_GiB": model_bytes / GiB, "largest_tensor_GiB": largest / GiB,
-              "cpu_peak_anon_GiB": (peak_anon[0] - baseline_anon) / GiB}
+              "cpu_peak_anon_GiB": (peak_anon[0] - baseline_anon) / GiB,
+              "cpu_final_anon_GiB": (_rss_anon() - baseline_anon) / GiB}
     if cuda:
         result["gpu_peak_GiB"] = (torch.cuda.max_memory_allocated() - base_gpu) / GiB
         result["gpu_final_GiB"] = (torch.cuda.memory_allocated() - base_gpu) / GiB
@@ -145,7 +149,7 @@ def main():
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     keys = ["mode", "device", "load_s", "model_GiB", "largest_tensor_GiB", "gpu_peak_GiB", "gpu_final_GiB",
-            "cpu_peak_anon_GiB", "forward_finite"]
+            "cpu_peak_anon_GiB", "cpu_final_anon_GiB", "forward_finite"]
     keys = [k for k in keys if any(k in r for r in rows)]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

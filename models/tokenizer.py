@@ -202,10 +202,15 @@ class SentencePieceBackend:
         if continuation:
             # sentencepiece writes a space as "▁" glued to the next word and opens every text with
             # one more "▁". A continuation that starts with a space is therefore encoded as that
-            # space being the dummy prefix; see Note [segment boundaries] in models.chat.
-            if not text.startswith(" "):
-                raise ValueError(f"sentencepiece can only continue text at a space, got {text[:20]!r}")
-            text = text[1:]
+            # space being the dummy prefix (see Note [segment boundaries] in models.chat); any
+            # other continuation is encoded after a newline, whose tokens are then dropped.
+            if text.startswith(" "):
+                return self.sp.encode(text[1:])
+            marker = self.sp.encode("\n")
+            ids = self.sp.encode("\n" + text)
+            if ids[:len(marker)] != marker:
+                raise ValueError(f"sentencepiece cannot continue text with {text[:20]!r} here")
+            return ids[len(marker):]
         return self.sp.encode(text)
 
     def decode(self, ids: list[int], skip_special: bool) -> str:

@@ -60,6 +60,13 @@ def test_llama2_chat_matches_meta_reference(llama2_tok):
     ids, mask = tok.encode_chat(messages, add_generation_prompt=True)
     assert ids == expected == tok.encode(text)
     assert [i for i, m in zip(ids, mask) if m] == sp.encode("Paris. ") + [2]
+    # another format on a sentencepiece vocabulary: the markers are plain text, and still
+    # segment-by-segment encoding equals encoding the rendered text
+    chatml = models.Tokenizer.from_pretrained(tok.source, chat_format="chatml")
+    ids, mask = chatml.encode_chat(messages[1:3])
+    assert ids == sp.encode(chatml.apply_chat_template(messages[1:3]))
+    # (chatml keeps the reply unstripped; decoding drops the "▁" that opens a run, as for any text)
+    assert chatml.decode([i for i, m in zip(ids, mask) if m]) == "Paris. <|im_end|>"
     with pytest.raises(ValueError, match="roles must alternate"):
         tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 

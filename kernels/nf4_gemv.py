@@ -1,18 +1,22 @@
 """Small-M NF4 matmul on CUDA cores: y = x @ W.T for a few rows of x (decode), streaming W once.
 
-    for each program (n-tile, k-split) (in parallel):
-        acc = zeros(BLOCK_M, BLOCK_N)                                  float32
+    for each program (row m of x, n-tile, k-split) (in parallel; the rows of one tile run together):
+        acc = zeros(BLOCK_N, BLOCK_K)                                  float32, reduced after the loop
         for k0 in this split's chunks of K (software-pipelined loads):
             w = nf4_tile(rows n-tile, columns k0 : k0 + BLOCK_K)        (BLOCK_N, BLOCK_K) float32
-            x = x[:, k0 : k0 + BLOCK_K]                                 (BLOCK_M, BLOCK_K) float32
-            acc += sum_k x[:, None, :] * w[None, :, :]                  FMA reduction, no tensor cores
-        y[:, n-tile] = acc + bias           (SPLIT > 1: atomic add into a zeroed float32 y)
+            acc += w * x[m, None, k0 : k0 + BLOCK_K]                    FMA, no tensor cores
+        y[m, n-tile] = sum(acc, axis=1) + bias   (SPLIT > 1: atomic add into a zeroed float32 y)
 
 At M <= 4 the work per weight is a few FMAs, so the kernel is bound by the bytes of W (4.13 bits
 per weight with double quant), the cost of unpacking them (Note [code lookup] in nf4_tiles.py),
 and by keeping enough loads in flight: the K loop is a `tl.range` with num_stages, which lets
-Triton pipeline loads of a loop that has no tl.dot. Larger M goes to the tensor-core kernel
-(kernels/nf4_matmul.py), where the same W tile feeds tl.dot.
+Triton pipeline loads of a loop that has no tl.dot. The accumulator keeps the tile's shape and
+layout, so the loop body has no reduction and the unpacked tile never changes layout.
+
+Each program handles one row of x. The rows are the fastest grid axis, so the M programs of an
+n-tile start together: the first reads W from HBM and the others find it in L2, and each row
+unpacks it again, which is cheap next to HBM at these M. Larger M goes to the tensor-core kernel
+(kernels/nf4_matmul.py), where one unpacked W tile serves a 16-row block of x.
 """
 import triton
 import triton.language as tl
@@ -31,7 +35,7 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "NUM_STAGES"
 
 
 @triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else _CONFIGS,
-                 key=["N", "K", "BLOCK_M", "SPLIT", "BLOCKSIZE", "WHOLE_BLOCKS", "DOUBLE_QUANT"],
+                 key=["N", "K", "SPLIT", "BLOCKSIZE", "WHOLE_BLOCKS", "DOUBLE_QUANT"],
                  reset_to_zero=["out_ptr"])
 @triton.jit
 def gemv_kernel(
@@ -43,27 +47,28 @@ def gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     WHOLE_BLOCKS: tl.constexpr,
     # problem
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
     chunks = tl.cdiv(K, BLOCK_K)
     chunks_per_split = tl.cdiv(chunks, SPLIT)
     first = pid_k * chunks_per_split
     last = tl.minimum(first + chunks_per_split, chunks)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for chunk in tl.range(first, last, num_stages=NUM_STAGES):
         k0 = chunk * BLOCK_K
         w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                      offs_n, k0, N, K, row_bytes, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, WHOLE_BLOCKS,
                      BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-    store_output(acc, offs_m[:, None], offs_n[None, :], out_ptr, stride_om, bias_ptr, M, N, pid_k,
-                 HAS_BIAS, SPLIT)
+        x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        acc += w * x[None, :]
+    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    store_output(y[None, :], m + tl.zeros((1, 1), dtype=tl.int32), offs_n[None, :], out_ptr, stride_om,
+                 bias_ptr, M, N, pid_k, HAS_BIAS, SPLIT)

@@ -281,8 +281,7 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
                 m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
         meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
         if kernel_kind == "fma":
-            gemv_kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](
-                *args, **meta, BLOCK_M=triton.next_power_of_2(m))
+            gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
         else:
             kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
             grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)

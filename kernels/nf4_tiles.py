@@ -17,7 +17,9 @@ Note [two tile layouts]
     gather per `blocksize` weights, not one per weight. Otherwise (K % blocksize != 0, or odd K so
     rows start in the middle of a byte) the tile is read element by element from its flat index
     e = n*K + k: byte e // 2, the high nibble when e is even, scale of block e // blocksize. That
-    path is slower but exact for any shape; no kernel falls back to anything else.
+    path is slower but exact for any shape; no kernel falls back to anything else. It still
+    decodes scales per (row, block): a row's BLOCK_K elements span at most (BLOCK_K-1)//blocksize
+    + 2 blocks, which are decoded once per row and picked per element with tl.where.
 
 Note [code lookup]
     The 16-value code (NF4 or FP4) is gathered with tl.load from the 64-byte float32 table in
@@ -191,12 +193,21 @@ def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
         mask = row_in[:, None] & (offs_k < K)[None, :]
-        element = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) flat index e
+        row_start = offs_n.to(tl.int64) * K  # (BLOCK_N,) flat index of W[n, 0]
+        element = row_start[:, None] + offs_k[None, :]  # (BLOCK_N, BLOCK_K) flat index e
         bytes_ = tl.load(packed_ptr + element // 2, mask=mask, other=0).to(tl.int32)
         shift = (4 - 4 * (element % 2)).to(tl.int32)  # even e: high nibble
         values = tl.load(code_ptr + ((bytes_ >> shift) & 0xF))
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, element // BLOCKSIZE,
-                            mask, DOUBLE_QUANT, OFFSET_IS_POINTER)
+        # A row's BLOCK_K elements span at most SPAN blocks: decode those per row, pick per element.
+        SPAN: tl.constexpr = (BLOCK_K - 1) // BLOCKSIZE + 2
+        first = (row_start + k0) // BLOCKSIZE  # (BLOCK_N,)
+        last = (row_start + tl.minimum(k0 + BLOCK_K, K) - 1) // BLOCKSIZE  # (BLOCK_N,)
+        which = (element // BLOCKSIZE - first[:, None]).to(tl.int32)  # (BLOCK_N, BLOCK_K) in [0, SPAN)
+        scale = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for j in tl.static_range(SPAN):
+            scale_j = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, first + j,
+                                  row_in & (first + j <= last), DOUBLE_QUANT, OFFSET_IS_POINTER)  # (BLOCK_N,)
+            scale = tl.where(which == j, scale_j[:, None], scale)
     return values * scale
 
 

@@ -1,0 +1,116 @@
+"""The NF4 kernels compile for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter tests check the math; this checks what only the GPU compiler sees (layouts,
+tl.join/reshape lowering, wgmma with a register operand, atomics, shared memory). Triton's wheel
+carries ptxas, so each kernel is compiled ahead of time for sm_90 in a subprocess (the test
+session runs the interpreter), with the first autotuning config of every family, both weight
+layouts, bias and split-K, and its shared memory must fit the H100's 227 KB per block.
+
+    python -m tests.kernels.test_compile_sm90     prints one line per compiled kernel
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+H100_SHARED_BYTES = 232448  # 227 KB, the most one block may use on sm_90
+
+
+def _compile_all() -> list[dict]:
+    """Compile every kernel variant; runs without TRITON_INTERPRET (see the test below)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import nf4_dequant, nf4_gemv, nf4_matmul
+
+    names = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def build(fn, args: dict, constexprs: dict, config) -> dict:
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs or name in config.kwargs:
+                signature[name] = "constexpr"
+            elif isinstance(args[name], torch.dtype):
+                signature[name] = "*" + names[args[name]]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+                if args[name] % 16 == 0:  # as Triton specializes such arguments at run time
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        source = ASTSource(fn=fn, signature=signature, constexprs={**constexprs, **config.kwargs}, attrs=attrs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        return {"shared": kernel.metadata.shared}
+
+    weight = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, nested_absmax_ptr=torch.float32,
+                  nested_code_ptr=torch.float32, offset=torch.float32, code_ptr=torch.float32)
+    fmt = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, OFFSET_IS_POINTER=True)
+    sizes = dict(M=4096, N=4096, K=4096, row_bytes=2048, M_BUCKET=4096, stride_xm=4096, stride_gm=4096,
+                 stride_om=4096)
+    results = []
+
+    def run(label, fn, args, constexprs, config):
+        try:
+            results.append({"label": label, **build(fn, args, constexprs, config)})
+        except Exception as error:  # reported by the test with the label
+            results.append({"label": label, "error": f"{type(error).__name__}: {str(error)[:400]}"})
+
+    run("dequantize", nf4_dequant._dequantize_kernel.fn,
+        dict(weight, out_ptr=torch.bfloat16, numel=4096 * 4096, nbytes=4096 * 2048, nblocks=4096 * 64), fmt, nf4_dequant._CONFIGS[0])
+    for whole in (True, False):
+        layout = dict(fmt, WHOLE_BLOCKS=whole)
+        for split in (1, 2):
+            out = torch.bfloat16 if split == 1 else torch.float32
+            run(f"gemv whole={whole} split={split}", nf4_gemv.gemv_kernel.fn,
+                dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
+                dict(layout, HAS_BIAS=True, SPLIT=split), nf4_gemv._CONFIGS[0])
+            for kind, configs in (("small-M", nf4_matmul._SMALL_M_CONFIGS), ("large-M", nf4_matmul._LARGE_M_CONFIGS)):
+                run(f"x @ W.T {kind} whole={whole} split={split}", nf4_matmul._matmul_kernel,
+                    dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
+                    dict(layout, HAS_BIAS=True, SPLIT=split, DOT_PRECISION="tf32"), configs[0])
+            for kind, configs in (("small-M", nf4_matmul._SMALL_M_T_CONFIGS), ("large-M", nf4_matmul._LARGE_M_T_CONFIGS)):
+                run(f"g @ W {kind} whole={whole} split={split}", nf4_matmul._matmul_t_kernel,
+                    dict(g_ptr=torch.bfloat16, **weight, out_ptr=out, **sizes),
+                    dict(layout, SPLIT=split, DOT_PRECISION="tf32"), configs[0])
+    run("x @ W.T large-M float32 (ieee dot)", nf4_matmul._matmul_kernel,
+        dict(x_ptr=torch.float32, **weight, bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
+        dict(fmt, WHOLE_BLOCKS=True, HAS_BIAS=False, SPLIT=1, DOT_PRECISION="ieee"), nf4_matmul._LARGE_M_CONFIGS[0])
+    return results
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton without its bundled ptxas")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.test_compile_sm90", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 22
+    errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "\n".join(errors)
+    too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]
+    assert not too_big, "\n".join(too_big)
+
+
+if __name__ == "__main__":
+    compiled = _compile_all()
+    if "--json" in sys.argv:
+        print(json.dumps(compiled))
+    else:
+        for r in compiled:
+            print(f"{r['label']:45s} {r.get('error', str(r.get('shared')) + ' bytes of shared memory')}")

@@ -5,7 +5,8 @@
 The layer holds the packed codes (`weight`, uint8 ((out*in+1)//2, 1)), the block statistics as
 buffers, an optional bias and a compute dtype; there is never a full-precision copy of W. Forward
 and backward each dequantize W for one matmul and drop it (see `_matmul_4bit` and
-`_matmul_4bit_t`, the two seams where CUDA inputs can take a fused kernel instead). The weight is
+`_matmul_4bit_t`: CUDA fp16/bf16 inputs take the Triton kernels of `kernels/`, others
+`dequantize_4bit` and a matmul). The weight is
 frozen: the backward returns a gradient for the input (and, through autograd, for the bias).
 
 Note [the bitsandbytes state dict]
@@ -34,6 +35,7 @@ Note [statistics keep float32]
     codebooks and offset must not be rounded, so `_apply` moves them to the new device but keeps
     their dtype. The bias follows the cast like any parameter; `compute_dtype` does not change.
 """
+import functools
 import math
 
 import torch
@@ -51,13 +53,30 @@ __all__ = ["Linear4bit"]
 _STATISTICS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
 
 
+@functools.cache
+def _kernels_available() -> bool:
+    import kernels
+    return kernels.available()
+
+
+def _on_kernels(t: torch.Tensor) -> bool:
+    """CUDA half-precision inputs take the Triton kernels; everything else the reference path."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _kernels_available()
+
+
 def _matmul_4bit(x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
     """x @ W^T: (M, in) -> (M, out), in x's dtype (the layer's compute dtype)."""
+    if _on_kernels(x):
+        import kernels
+        return kernels.matmul_nf4(x, layer.weight, layer.quant_state)
     return x @ layer.dequantize(x.dtype).t()
 
 
 def _matmul_4bit_t(grad: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
     """grad @ W: (M, out) -> (M, in), the input's gradient, in grad's dtype."""
+    if _on_kernels(grad):
+        import kernels
+        return kernels.matmul_nf4_t(grad, layer.weight, layer.quant_state)
     return grad @ layer.dequantize(grad.dtype)
 
 
@@ -227,8 +246,12 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (out, in) in `dtype` (default: compute_dtype), a new tensor, not tracked by autograd."""
+        dtype = dtype or self.compute_dtype
         with torch.no_grad():
-            return dequantize_4bit(self.weight, self.quant_state, dtype=dtype or self.compute_dtype)
+            if self.weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and _kernels_available():
+                import kernels
+                return kernels.dequantize_nf4(self.weight, self.quant_state, dtype)
+            return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.shape[-1] != self.in_features:

@@ -56,7 +56,7 @@ def _bitsandbytes():
         return None
 
 
-def nf4_weight(n_rows: int, n_cols: int, bnb):
+def random_nf4_weight(n_rows: int, n_cols: int, bnb):
     """(packed, state, bnb_state or None): bitsandbytes' own quantization of a random bf16 W when
     available (so both libraries multiply the same numbers), else random codes and scales."""
     if bnb is not None:
@@ -143,7 +143,7 @@ def main() -> int:
     failures: list[str] = []
     forward_rows, backward_rows, dequant_rows = [], [], []
     for n_rows, n_cols in shapes:
-        packed, state, bnb_state = nf4_weight(n_rows, n_cols, bnb)
+        packed, state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
         w = dequantize_nf4(packed, state, torch.bfloat16)  # (N, K), the torch baseline's weight
         wbytes = weight_bytes(state)
         if args.check:

@@ -20,7 +20,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels
-from benchmarks.nf4_matmul import nf4_weight
+from benchmarks.nf4_matmul import random_nf4_weight
 from kernels import nf4_matmul
 from kernels.nf4_dequant import dequantize_nf4
 
@@ -71,7 +71,7 @@ def main() -> int:
     failures, lines = [], []
     m = args.rows
     for n_rows, n_cols in SHAPES:
-        packed, state, _ = nf4_weight(n_rows, n_cols, bnb=None)
+        packed, state, _ = random_nf4_weight(n_rows, n_cols, bnb=None)
         weight = dequantize_nf4(packed, state, torch.bfloat16)  # frozen bf16 W, the same numbers
         x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         lora_a = (torch.randn(RANK, n_cols, device="cuda") / n_cols ** 0.5).bfloat16().requires_grad_()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4_tiles import block_scale, interpreting, nf4_weight
+from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
 __all__ = ["dequantize_nf4"]
 
@@ -72,11 +72,12 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloa
     def grid(meta):
         return (triton.cdiv(nbytes, meta["BYTES"]),)
 
-    _dequantize_kernel[grid](
-        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code, out,
-        numel, nbytes, weight.absmax.numel(),
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
-        OFFSET_IS_POINTER=weight.offset_is_pointer,
-        enable_fp_fusion=False,  # bit-exact double-quant decode: see the module docstring
-    )
+    with on_device(packed.device):
+        _dequantize_kernel[grid](
+            weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code,
+            out, numel, nbytes, weight.absmax.numel(),
+            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+            OFFSET_IS_POINTER=weight.offset_is_pointer,
+            enable_fp_fusion=False,  # bit-exact double-quant decode: see the module docstring
+        )
     return out

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import gemv_kernel
-from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, store_output
+from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
            "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
@@ -258,6 +258,11 @@ def _finish(out: torch.Tensor, dtype: torch.dtype, lead_shape, width: int) -> to
     return out.to(dtype).view(*lead_shape, width)
 
 
+def _check_split(split: int) -> None:
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"matmul_nf4: the number of splits must be an int >= 1, got {split!r}")
+
+
 def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
     if bias is None:
         return
@@ -275,17 +280,19 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     if split is None:
         split = split_for_small_m(n, k, SPLIT_ROWS_FMA if kernel_kind == "fma" else SPLIT_ROWS_TENSOR_CORES)
+    _check_split(split)
     out = _new_output(m, n, x.dtype, x.device, split)
     if m > 0:
         args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
                 m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
         meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
-        if kernel_kind == "fma":
-            gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
-        else:
-            kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
-            grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)
-            kernel[grid](*args, **meta, M_BUCKET=_m_bucket(m), DOT_PRECISION=_dot_precision(x.dtype))
+        with on_device(x.device):
+            if kernel_kind == "fma":
+                gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
+            else:
+                kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
+                grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)
+                kernel[grid](*args, **meta, M_BUCKET=_m_bucket(m), DOT_PRECISION=_dot_precision(x.dtype))
     return _finish(out, x.dtype, x.shape[:-1], n)
 
 
@@ -296,13 +303,15 @@ def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
     m, n, k = g2d.shape[0], weight.n_rows, weight.n_cols
     if split is None:
         split = split_for_small_m(k, n, SPLIT_ROWS_TENSOR_CORES)
+    _check_split(split)
     out = _new_output(m, k, g.dtype, g.device, split)
     if m > 0:
         kernel = _matmul_t_small_m if kernel_kind == "small" else _matmul_t_large_m
         grid = lambda c: (triton.cdiv(k, c["BLOCK_K"]) * triton.cdiv(m, c["BLOCK_M"]), split)
-        kernel[grid](g2d, *_weight_args(weight), out, m, n, k, weight.row_bytes, g2d.stride(0), out.stride(0),
-                     **_weight_meta(weight), SPLIT=split, M_BUCKET=_m_bucket(m),
-                     DOT_PRECISION=_dot_precision(g.dtype))
+        with on_device(g.device):
+            kernel[grid](g2d, *_weight_args(weight), out, m, n, k, weight.row_bytes, g2d.stride(0),
+                         out.stride(0), **_weight_meta(weight), SPLIT=split, M_BUCKET=_m_bucket(m),
+                         DOT_PRECISION=_dot_precision(g.dtype))
     return _finish(out, g.dtype, g.shape[:-1], k)
 
 
@@ -313,9 +322,7 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     m = math.prod(x.shape[:-1])
     if m <= SMALL_M_MAX:
         return matmul_nf4_small_m(x, packed, state, bias)
-    if LARGE_M_STRATEGY == "dequantize":
-        return matmul_nf4_dequantize(x, packed, state, bias)
-    return matmul_nf4_fused(x, packed, state, bias)
+    return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, state, bias)
 
 
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
@@ -345,9 +352,7 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     m = math.prod(g.shape[:-1])
     if m <= SMALL_M_MAX:
         return matmul_nf4_t_small_m(g, packed, state)
-    if LARGE_M_STRATEGY_T == "dequantize":
-        return matmul_nf4_t_dequantize(g, packed, state)
-    return matmul_nf4_t_fused(g, packed, state)
+    return _LARGE_M[LARGE_M_STRATEGY_T][1](g, packed, state)
 
 
 def matmul_nf4_t_small_m(g: torch.Tensor, packed: torch.Tensor, state, split_n: int | None = None) -> torch.Tensor:
@@ -365,3 +370,9 @@ def matmul_nf4_t_dequantize(g: torch.Tensor, packed: torch.Tensor, state) -> tor
     weight = nf4_weight(packed, state, g.device)
     _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
     return g @ dequantize_nf4(packed, state, g.dtype)
+
+
+_LARGE_M = {  # strategy name: (x @ W.T, g @ W)
+    "fused": (matmul_nf4_fused, matmul_nf4_t_fused),
+    "dequantize": (matmul_nf4_dequantize, matmul_nf4_t_dequantize),
+}

@@ -10,7 +10,7 @@ Every kernel in this package reads W the same way (kernels/reference.py states t
 operand dtype and feed it to `tl.dot` or to an FMA reduction. W never goes to memory.
 
 Note [two tile layouts]
-    When K % blocksize == 0 (every real model: K is a multiple of 64), each row of W starts on a
+    When K % blocksize == 0 (the usual case: model widths are multiples of 64), each row starts on a
     byte and on a block boundary. Then a tile row is BLOCK_K/2 contiguous bytes (one wide load),
     the two nibbles of a byte are unpacked and interleaved with tl.join, and the scales are
     decoded once per (row, block) and broadcast over the block: the double-quant decode costs one
@@ -28,9 +28,13 @@ Note [code lookup]
     (15 selects per value, so ALU-bound where the lookup is one load), and a 256-entry table that
     maps a byte to both values (half the lookups, but a warp's gathers then spread over 16 lines).
     The value is looked up in float32 and multiplied by the float32 scale before any rounding, so
-    tiles equal the reference's dequantized W. Where the lookup limits the small-M path, the next
-    step is an in-register table (byte permutes with inline PTX), not interpretable on the CPU.
+    tiles equal the reference's dequantized W. In the tensor-core kernels Triton's pipeliner
+    stages this gather through shared memory like an operand load (seen in the sm_90 IR), at
+    BLOCK_N * BLOCK_K * 4 bytes per stage, which bounds num_stages. Where the lookup limits the
+    small-M path, the next step is an in-register table (byte permutes with inline PTX), which the
+    CPU interpreter cannot run.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -40,9 +44,14 @@ import triton.language as tl
 
 from kernels.reference import NESTED_BLOCKSIZE
 
-__all__ = ["NF4Weight", "nf4_weight", "block_scale", "nf4_tile", "store_output", "interpreting"]
+__all__ = ["NF4Weight", "nf4_weight", "block_scale", "nf4_tile", "store_output", "interpreting", "on_device"]
 
 _NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
+
+
+def on_device(device: torch.device):
+    """Launch on `device` (Triton launches on the current CUDA device); a no-op on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def interpreting() -> bool:
@@ -83,7 +92,7 @@ def _small_table(tensor, name: str, numel: int, device: torch.device) -> torch.T
     if tensor is None or tensor.numel() != numel:
         got = None if tensor is None else tuple(tensor.shape)
         raise ValueError(f"NF4 weight: state.{name} must have {numel} values, got shape {got}")
-    _check_device(tensor, name, device)
+    _check_device(tensor, f"state.{name}", device)
     return tensor.reshape(-1).float().contiguous()
 
 
@@ -97,7 +106,7 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
     try:
         n_rows, n_cols = (int(d) for d in state.shape)
     except (TypeError, ValueError):
-        raise ValueError(f"NF4 weight: state.shape must be (out_features, in_features), got {state.shape!r}")
+        raise ValueError(f"NF4 weight: state.shape must be (out_features, in_features), got {state.shape!r}") from None
     if n_rows <= 0 or n_cols <= 0:
         raise ValueError(f"NF4 weight: state.shape must be positive, got {(n_rows, n_cols)}")
     blocksize = int(state.blocksize)
@@ -130,6 +139,8 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
                 raise ValueError(f"NF4 weight: state.offset must be one value, got shape {tuple(offset.shape)}")
             # On the device: read by the kernel (no host sync). Elsewhere: a plain float.
             offset = offset.reshape(1).float() if offset.device == device else float(offset)
+        elif offset is None:
+            raise ValueError("NF4 weight: with double quant state.offset must be set (the mean absmax)")
         else:
             offset = float(offset)
         absmax = absmax.reshape(-1).contiguous()

@@ -123,3 +123,5 @@ def test_bad_inputs_raise_one_clear_error():
         kernels.matmul_nf4(torch.randn(3, 96).double(), packed, state)
     with pytest.raises(ValueError, match="packed"):
         kernels.matmul_nf4(torch.randn(3, 96), packed[:10], state)
+    with pytest.raises(ValueError, match="splits"):
+        nf4_matmul.matmul_nf4_small_m(torch.randn(3, 96), packed, state, split_k=0)

@@ -10,6 +10,7 @@ code, blocksize, shape` (quant.QuantState). The kernels run on CUDA tensors (or 
 TRITON_INTERPRET=1). Triton is imported only when a kernel is first called, so `import kernels`
 works without it; `kernels.available()` says whether the kernels can run here.
 """
+import functools
 import importlib.util
 
 import torch
@@ -21,7 +22,12 @@ __all__ = ["available", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "referen
 
 def available() -> bool:
     """True when Triton is installed and a CUDA device is present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_available() and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

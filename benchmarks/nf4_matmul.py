@@ -6,8 +6,9 @@ For each W of N x K and each M (rows of x), bf16 throughout, the median time ove
 (triton.testing.do_bench, which clears L2 before every run, so small M streams W from HBM):
     torch   x @ W.T on the bf16 weight (cuBLAS)
     ours    kernels.matmul_nf4 (what quant.Linear4bit calls: dispatch by M)
-    small   the small-M path (M <= 64 only), fused (tensor-core tiles, W in registers),
-    dequant (W to a bf16 scratch buffer, then cuBLAS): every strategy, to set the dispatch
+    gemv    the CUDA-core GEMV (M <= 16), small (tensor-core tiles with BLOCK_M = 16, M <= 64),
+    fused (large tensor-core tiles, W in registers), dequant (W to a bf16 scratch buffer, then
+    cuBLAS): every strategy at every M, to set the dispatch constants of kernels/nf4_matmul.py
     bnb     bitsandbytes.matmul_4bit, NF4 + double quant, when bitsandbytes imports
 Speedups are torch time / that time. Rates: GB/s of the bytes that must move (packed W + block
 stats + x + y) for M <= 64, TFLOP/s (2*M*N*K) for larger M. Then g @ W (the backward product) at
@@ -31,6 +32,7 @@ from kernels.nf4_dequant import dequantize_nf4
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # (N, K)
 QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
 ROWS = [1, 16, 64, 4096]
+GEMV_MAX_ROWS = 16  # beyond this the GEMV (one program per row of x) is pointless to time
 SMALL_PATH_MAX_ROWS = 64  # beyond this the small-M tiles are pointless to time
 BLOCKSIZE = 64
 RTOL_BF16 = 8e-3  # W and y each rounded to bf16 once: <= 2 * 2^-8 of |x| @ |W|.T
@@ -135,8 +137,8 @@ def main() -> int:
     bnb = _bitsandbytes()
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}; NF4 + double quant, "
-              f"blocksize {BLOCKSIZE}, bf16; dispatch: SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, "
-              f"FMA_M_MAX={nf4_matmul.FMA_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
+              f"blocksize {BLOCKSIZE}, bf16; dispatch: FMA_M_MAX={nf4_matmul.FMA_M_MAX}, "
+              f"SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
               f"LARGE_M_STRATEGY_T={nf4_matmul.LARGE_M_STRATEGY_T!r}")
     print(header)
     torch.manual_seed(0)
@@ -158,6 +160,7 @@ def main() -> int:
             runs = {
                 "torch": lambda: x @ w.T,
                 "ours": lambda: kernels.matmul_nf4(x, packed, state),
+                "gemv": (lambda: nf4_matmul.matmul_nf4_gemv(x, packed, state)) if m <= GEMV_MAX_ROWS else None,
                 "small": (lambda: nf4_matmul.matmul_nf4_small_m(x, packed, state)) if m <= SMALL_PATH_MAX_ROWS else None,
                 "fused": lambda: nf4_matmul.matmul_nf4_fused(x, packed, state),
                 "dequant": lambda: nf4_matmul.matmul_nf4_dequantize(x, packed, state),
@@ -176,7 +179,8 @@ def main() -> int:
             else:
                 rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
-                    f"**{speedup['ours']:.2f}** | {fmt(speedup['small'], '.2f')} | {speedup['fused']:.2f} | "
+                    f"**{speedup['ours']:.2f}** | {fmt(speedup['gemv'], '.2f')} | {fmt(speedup['small'], '.2f')} | "
+                    f"{speedup['fused']:.2f} | "
                     f"{speedup['dequant']:.2f} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             forward_rows.append(line)
@@ -206,8 +210,8 @@ def main() -> int:
     report = "\n".join([
         f"{header}\n",
         "x @ W.T: times in us (median, L2 cleared), speedup = torch bf16 time / time\n",
-        "| N x K | M | torch bf16 | ours | ours x | small-M x | fused x | dequant+cuBLAS x | bnb | bnb x | ours rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N x K | M | torch bf16 | ours | ours x | GEMV x | small-M x | fused x | dequant+cuBLAS x | bnb | bnb x | ours rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *forward_rows,
         "\ng @ W (input gradient): times in us, speedup = torch bf16 `g @ W` time / time\n",
         "| N x K | M | torch bf16 | ours | ours x | fused x | dequant+cuBLAS x | ours rate |",

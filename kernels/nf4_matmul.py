@@ -13,7 +13,8 @@ Tensor-core kernel (both directions; forward shown, g @ W swaps the roles of N a
 Dispatch by M = rows of x (x flattened to (M, K)); the constants below are the knobs to set from
 measurements (benchmarks/nf4_matmul.py prints every strategy at every M):
 
-    M <= FMA_M_MAX       CUDA-core GEMV (kernels/nf4_gemv.py), split-K when N alone is too few programs
+    M <= FMA_M_MAX       CUDA-core GEMV (kernels/nf4_gemv.py), split-K when N alone is too few threads
+                         (rows holding whole blocks only; other weights take the next line)
     M <= SMALL_M_MAX     the tensor-core kernel with small-M tiles (BLOCK_M = 16), split-K likewise
     larger M             LARGE_M_STRATEGY: "fused" (the kernel above with large tiles) or
                          "dequantize" (W to a scratch buffer by kernels/nf4_dequant.py, then cuBLAS)
@@ -28,24 +29,34 @@ Note [W as the left operand]
 
 Note [two strategies for large M]
     At large M the matmul is compute-bound. The fused kernel never writes W out, but unpacks each
-    W tile once per m-tile: N*K*M/BLOCK_M unpacks of ~6-8 CUDA-core instructions each, against
-    2*M*N*K tensor-core flops. On an H100 at M = 4096, BLOCK_M = 128 (~30 T lane-instructions/s,
-    ~800 TFLOP/s) that is ~110-145 us of unpacking beside ~170 us of MMA for 4096 x 4096, so the
-    kernel is only as fast as cuBLAS if the unpacking overlaps the asynchronous MMAs (BLOCK_M =
-    256 halves it). "dequantize" writes W in bf16 once (4096 x 4096: 42 MB moved, ~15 us) and
-    then runs cuBLAS at full speed: its overhead is 2.5 bytes per weight against 2*M flops per
-    weight, so about 0.92x of bf16 at M = 4096 whatever N and K, falling as 1/M.
+    W tile once per m-tile: N*K*M/BLOCK_M unpacks against 2*M*N*K tensor-core flops. Compiled
+    for sm_90 (tests/kernels/test_compile_sm90.py compiles without a GPU; its PTX can be
+    counted), the 128 x 128 x 64 config spends ~16 instructions per unpacked weight: word load
+    and shift-mask, the code gather staged through shared memory by the pipeliner, the scale
+    multiply, and a double-quant decode that Triton re-materializes in every thread instead of
+    once per (row, block); the small-M tiles spend ~9. At M = 4096 and BLOCK_M = 128 that is
+    more issue slots than the MMAs take, so the kernel matches cuBLAS only once the unpacking is
+    cheaper and overlaps the asynchronous wgmma: BLOCK_M = 256 halves it; post-scaling (dot on
+    the codes, scale the BLOCK_N x BLOCK_M partial product once per block when BLOCK_K <=
+    blocksize; cheap at small M, where the product is small) removes the multiply and the
+    decode. "dequantize" writes W in bf16 once (4096 x 4096: 42 MB moved, ~15 us) and then runs
+    cuBLAS at full speed: its overhead is 2.5 bytes per weight against 2*M flops per weight, so
+    about 0.92x of bf16 at M = 4096 whatever N and K, falling as 1/M.
     Both are kept and benchmarked, and the constants pick; the transposed product has its own
     constant because its tile shapes differ.
 
 Note [split-K for small M]
-    At small M the time is the time to stream W, so the grid must keep every SM busy. With
-    BLOCK_N rows per program there are only cdiv(N, BLOCK_N) programs; when that is fewer than
-    SPLIT_MIN_PROGRAMS the K loop is split over several programs whose partial sums are added
-    atomically into a zeroed float32 output, then cast. That costs two extra small launches
-    (zero, cast: a few microseconds, comparable to a whole 4096 x 4096 GEMV), so it is used only
-    where the rows alone cannot fill the GPU. BLOCK_N is autotuned after the split is chosen, so
-    the split estimates the programs from a typical BLOCK_N per kernel (SPLIT_ROWS_*).
+    At small M the time is the time to stream W, so the grid must keep enough loads in flight.
+    The GEMV has one thread per row of W (Note [GEMV tile]), the small-M tensor-core kernel
+    cdiv(N, BLOCK_N) programs; when that is fewer than GEMV_MIN_THREADS threads or
+    SPLIT_MIN_PROGRAMS programs, the K loop is split over several programs whose partial sums
+    are added atomically into a zeroed float32 output, then cast. That costs two extra small
+    launches (zero, cast: a few microseconds, comparable to a whole 4096 x 4096 GEMV), so it is
+    used only where the outputs alone cannot fill the GPU. BLOCK_N is autotuned after the split
+    is chosen, so the tensor-core estimate uses a typical BLOCK_N (SPLIT_ROWS_TENSOR_CORES). The
+    next step, if the two launches show in the M = 1 numbers: a zero-initialized float32
+    workspace kept by the module, where the last split of a tile (an atomic ticket) reads the
+    sum, writes y and zeroes its slots again, so no launch but the kernel's remains.
 """
 import math
 
@@ -56,24 +67,25 @@ import triton.language as tl
 
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import gemv_kernel
-from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, store_output
+from kernels.nf4_tiles import (NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, rows_hold_whole_blocks,
+                               store_output)
 
-__all__ = ["matmul_nf4", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
+__all__ = ["matmul_nf4", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
            "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
            "split_for_small_m"]
 
 # Dispatch (see the module docstring). Set from H100 measurements.
 SMALL_M_MAX = 16              # M at or below: the small-M path
-FMA_M_MAX = 4                 # M at or below (within the small-M path): the CUDA-core GEMV
+FMA_M_MAX = 1                 # M at or below: the CUDA-core GEMV (it unpacks W once per row of x)
 LARGE_M_STRATEGY = "fused"    # x @ W.T above SMALL_M_MAX: "fused" or "dequantize"
 LARGE_M_STRATEGY_T = "fused"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
 
 # Split-K at small M (Note [split-K for small M]).
-SPLIT_MIN_PROGRAMS = 132      # one program per H100 SM
-SPLIT_ROWS_FMA = 16           # typical BLOCK_N of the GEMV, to estimate its programs without a split
+GEMV_MIN_THREADS = 32768      # GEMV: one thread per row of W and split, at least this many
+SPLIT_MIN_PROGRAMS = 132      # tensor-core tiles: at least one program per H100 SM
 SPLIT_ROWS_TENSOR_CORES = 64  # typical BLOCK_N (BLOCK_K for g @ W) of the small-M tensor-core tiles
-SPLIT_MAX = 8
-SPLIT_MIN_REDUCE = 512        # at least this much of the reduced dimension per split
+SPLIT_MAX = 16
+SPLIT_MIN_REDUCE = 256        # at least this much of the reduced dimension per split
 
 _M_BUCKET_MAX = 4096          # autotuning keys on next_power_of_2(M), capped here
 
@@ -210,12 +222,13 @@ _matmul_t_large_m = _autotuned(_matmul_t_kernel, _LARGE_M_T_CONFIGS, _T_INTERPRE
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def split_for_small_m(n_out: int, n_reduce: int, rows_per_program: int) -> int:
-    """How many programs share the reduction at small M (Note [split-K for small M])."""
-    programs = triton.cdiv(n_out, rows_per_program)
-    if programs >= SPLIT_MIN_PROGRAMS:
+def split_for_small_m(n_out: int, n_reduce: int, units: int, units_wanted: int) -> int:
+    """How many programs share the reduction at small M (Note [split-K for small M]): enough for
+    `units_wanted` parallel units when the outputs alone give `units`, within SPLIT_MAX and at
+    least SPLIT_MIN_REDUCE of the reduction per split."""
+    if units >= units_wanted:
         return 1
-    return max(1, min(SPLIT_MAX, triton.cdiv(SPLIT_MIN_PROGRAMS, programs), n_reduce // SPLIT_MIN_REDUCE))
+    return max(1, min(SPLIT_MAX, triton.cdiv(units_wanted, units), n_reduce // SPLIT_MIN_REDUCE))
 
 
 def _flat_input(x: torch.Tensor, width: int, name: str, what: str) -> torch.Tensor:
@@ -273,13 +286,18 @@ def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
 
 
 def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
-    """Launch x @ W.T on kernel_kind "fma" (GEMV), "small" or "large" (tensor-core tiles)."""
+    """Launch x @ W.T on kernel_kind "gemv", "small" or "large" (tensor-core tiles)."""
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
     _check_bias(bias, weight.n_rows, x.device)
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
-    if split is None:
-        split = split_for_small_m(n, k, SPLIT_ROWS_FMA if kernel_kind == "fma" else SPLIT_ROWS_TENSOR_CORES)
+    if kernel_kind == "gemv" and not weight.whole_blocks:
+        raise ValueError(f"matmul_nf4_gemv: rows of W must hold whole blocks (K % blocksize == 0 and K % 8 == 0), "
+                         f"got K = {k}, blocksize = {weight.blocksize}; use matmul_nf4_small_m")
+    if split is None and kernel_kind == "gemv":
+        split = split_for_small_m(n, k, n, GEMV_MIN_THREADS)
+    elif split is None:
+        split = split_for_small_m(n, k, triton.cdiv(n, SPLIT_ROWS_TENSOR_CORES), SPLIT_MIN_PROGRAMS)
     _check_split(split)
     out = _new_output(m, n, x.dtype, x.device, split)
     if m > 0:
@@ -287,7 +305,8 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
                 m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
         meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
         with on_device(x.device):
-            if kernel_kind == "fma":
+            if kernel_kind == "gemv":
+                del meta["WHOLE_BLOCKS"]  # the GEMV reads whole-block rows only
                 gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
             else:
                 kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
@@ -302,7 +321,7 @@ def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
     g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
     m, n, k = g2d.shape[0], weight.n_rows, weight.n_cols
     if split is None:
-        split = split_for_small_m(k, n, SPLIT_ROWS_TENSOR_CORES)
+        split = split_for_small_m(k, n, triton.cdiv(k, SPLIT_ROWS_TENSOR_CORES), SPLIT_MIN_PROGRAMS)
     _check_split(split)
     out = _new_output(m, k, g.dtype, g.device, split)
     if m > 0:
@@ -320,16 +339,25 @@ def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T (+ bias): (..., K) -> (..., N) in x's dtype, dispatched by M (module docstring)."""
     m = math.prod(x.shape[:-1])
+    if m <= FMA_M_MAX and rows_hold_whole_blocks(int(state.shape[-1]), int(state.blocksize)):
+        return matmul_nf4_gemv(x, packed, state, bias)
     if m <= SMALL_M_MAX:
         return matmul_nf4_small_m(x, packed, state, bias)
     return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, state, bias)
 
 
+def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                    split_k: int | None = None) -> torch.Tensor:
+    """The CUDA-core GEMV (any M works, W is unpacked once per row of x; tuned for M = 1).
+    Rows of W must hold whole blocks. split_k None: Note [split-K for small M]."""
+    return _forward(x, packed, state, bias, split_k, "gemv")
+
+
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
                        split_k: int | None = None) -> torch.Tensor:
-    """The small-M path (any M works; it is tuned for M <= SMALL_M_MAX). split_k None: heuristic."""
-    m = math.prod(x.shape[:-1])
-    return _forward(x, packed, state, bias, split_k, "fma" if m <= FMA_M_MAX else "small")
+    """Tensor-core tiles with BLOCK_M = 16 (any M works; tuned for M <= SMALL_M_MAX).
+    split_k None: Note [split-K for small M]."""
+    return _forward(x, packed, state, bias, split_k, "small")
 
 
 def matmul_nf4_fused(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,

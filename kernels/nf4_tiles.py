@@ -10,9 +10,10 @@ Every kernel in this package reads W the same way (kernels/reference.py states t
 operand dtype and feed it to `tl.dot` or to an FMA reduction. W never goes to memory.
 
 Note [two tile layouts]
-    When K % blocksize == 0 (the usual case: model widths are multiples of 64), each row starts on a
-    byte and on a block boundary. Then a tile row is BLOCK_K/2 contiguous bytes (one wide load),
-    the two nibbles of a byte are unpacked and interleaved with tl.join, and the scales are
+    When K % blocksize == 0 and K % 8 == 0 (the usual case: model widths are multiples of 64),
+    each row starts on a block and a 32-bit word boundary. Then a tile row is BLOCK_K/8 contiguous
+    words (one wide load), each word is split into its 8 codes by 8 shift-and-masks (no byte
+    extraction, no shuffles: the codes land in element order in the same thread), and the scales are
     decoded once per (row, block) and broadcast over the block: the double-quant decode costs one
     gather per `blocksize` weights, not one per weight. Otherwise (K % blocksize != 0, or odd K so
     rows start in the middle of a byte) the tile is read element by element from its flat index
@@ -44,7 +45,8 @@ import triton.language as tl
 
 from kernels.reference import NESTED_BLOCKSIZE
 
-__all__ = ["NF4Weight", "nf4_weight", "block_scale", "nf4_tile", "store_output", "interpreting", "on_device"]
+__all__ = ["NF4Weight", "nf4_weight", "rows_hold_whole_blocks", "block_scale", "nibble_shifts", "nf4_tile",
+           "store_output", "interpreting", "on_device"]
 
 _NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
 
@@ -57,6 +59,11 @@ def on_device(device: torch.device):
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (kernels run on CPU tensors; autotuning tries one config)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rows_hold_whole_blocks(n_cols: int, blocksize: int) -> bool:
+    """Rows of W start on block and 32-bit word boundaries: see Note [two tile layouts]."""
+    return n_cols % max(blocksize, 8) == 0
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,7 @@ class NF4Weight:
 
     @property
     def whole_blocks(self) -> bool:
-        """Rows start on block (and byte) boundaries: see Note [two tile layouts]."""
-        return self.n_cols % self.blocksize == 0
+        return rows_hold_whole_blocks(self.n_cols, self.blocksize)
 
     @property
     def row_bytes(self) -> int:
@@ -170,6 +176,14 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, m
 
 
 @triton.jit
+def nibble_shifts():
+    """Bit offsets of the 8 codes of a little-endian 32-bit word, in element order: byte i holds
+    elements 2i (high nibble) and 2i+1 (low nibble), so the shifts are 4, 0, 12, 8, 20, 16, 28, 24."""
+    j = tl.arange(0, 8)
+    return 8 * (j // 2) + 4 - 4 * (j % 2)
+
+
+@triton.jit
 def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
              offs_n, k0, N, K, row_bytes,
              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
@@ -180,13 +194,14 @@ def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
     See Note [two tile layouts] and Note [code lookup]."""
     row_in = offs_n < N  # (BLOCK_N,)
     if WHOLE_BLOCKS:
-        HALF_K: tl.constexpr = BLOCK_K // 2
-        offs_byte = k0 // 2 + tl.arange(0, HALF_K)  # (BLOCK_K/2,)
-        rows = packed_ptr + offs_n.to(tl.int64) * row_bytes  # (BLOCK_N,)
-        mask = row_in[:, None] & (offs_byte < row_bytes)[None, :]
-        bytes_ = tl.load(rows[:, None] + offs_byte[None, :], mask=mask, other=0)  # (BLOCK_N, BLOCK_K/2)
-        nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (BLOCK_N, BLOCK_K))  # element 2j+t
-        values = tl.load(code_ptr + nibbles.to(tl.int32))  # (BLOCK_N, BLOCK_K)
+        WORDS: tl.constexpr = BLOCK_K // 8  # 8 codes per 32-bit word
+        row_words = row_bytes // 4
+        offs_word = k0 // 8 + tl.arange(0, WORDS)  # (BLOCK_K/8,)
+        rows = packed_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64) * row_words  # (BLOCK_N,)
+        mask = row_in[:, None] & (offs_word < row_words)[None, :]
+        words = tl.load(rows[:, None] + offs_word[None, :], mask=mask, other=0)  # (BLOCK_N, BLOCK_K/8)
+        nibbles = tl.reshape((words[:, :, None] >> nibble_shifts()[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+        values = tl.load(code_ptr + nibbles)  # (BLOCK_N, BLOCK_K)
         blocks_per_row = K // BLOCKSIZE
         if BLOCK_K >= BLOCKSIZE:
             NB: tl.constexpr = BLOCK_K // BLOCKSIZE

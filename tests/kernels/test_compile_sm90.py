@@ -65,9 +65,10 @@ def _compile_all() -> list[dict]:
         layout = dict(fmt, WHOLE_BLOCKS=whole)
         for split in (1, 2):
             out = torch.bfloat16 if split == 1 else torch.float32
-            run(f"gemv whole={whole} split={split}", nf4_gemv.gemv_kernel.fn,
-                dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
-                dict(layout, HAS_BIAS=True, SPLIT=split), nf4_gemv._CONFIGS[0])
+            if whole:  # the GEMV reads whole-block rows only
+                run(f"gemv split={split}", nf4_gemv.gemv_kernel.fn,
+                    dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
+                    dict(fmt, HAS_BIAS=True, SPLIT=split), nf4_gemv._CONFIGS[0])
             for kind, configs in (("small-M", nf4_matmul._SMALL_M_CONFIGS), ("large-M", nf4_matmul._LARGE_M_CONFIGS)):
                 run(f"x @ W.T {kind} whole={whole} split={split}", nf4_matmul._matmul_kernel,
                     dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
@@ -103,7 +104,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 22
+    assert len(results) == 20
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -62,8 +62,10 @@ def test_other_dtypes(dtype, m):
 
 
 FORWARD = {
-    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
-    "gemv-split4": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=4),
+    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_gemv(x, p, s, b, split_k=1),
+    "gemv-split4": lambda x, p, s, b: nf4_matmul.matmul_nf4_gemv(x, p, s, b, split_k=4),
+    "small": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
+    "small-split4": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=4),
     "fused": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b),
     "fused-split2": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b, split_k=2),
     "dequantize": lambda x, p, s, b: nf4_matmul.matmul_nf4_dequantize(x, p, s, b),
@@ -77,7 +79,7 @@ TRANSPOSED = {
 
 
 @pytest.mark.parametrize("strategy", FORWARD)
-@pytest.mark.parametrize("m", [2, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
 def test_every_forward_strategy(strategy, m):
     packed, state, weight = _weight(1024, 4096, 64)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)

@@ -14,9 +14,10 @@ from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 # (N, K, blocksize): blocks straddling rows (K % blocksize != 0), rows holding whole blocks with
-# tiles wider or narrower than a block, odd K (rows straddle bytes).
-SHAPES = [(40, 96, 64), (33, 130, 128), (40, 128, 64), (24, 256, 128), (7, 129, 64)]
-ROWS = [1, 3, 16, 17, 64]  # GEMV, GEMV, small-M tensor cores, large-M tiles (partial and whole)
+# tiles wider or narrower than a block (blocksize 256: every interpreter tile is narrower), odd K
+# (rows straddle bytes).
+SHAPES = [(40, 96, 64), (33, 130, 128), (40, 128, 64), (24, 256, 128), (7, 129, 64), (20, 512, 256)]
+ROWS = [1, 3, 16, 17, 64]  # GEMV, small-M tensor cores (3, 16), large-M tiles (partial and whole)
 
 
 def _weight(n_rows, n_cols, blocksize, double_quant=True):
@@ -49,18 +50,21 @@ def test_matmul_nf4_t(n_rows, n_cols, blocksize, m, dtype):
 
 
 STRATEGIES = {
-    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
-    "gemv-split3": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=3),
+    "gemv": lambda x, p, s, b: nf4_matmul.matmul_nf4_gemv(x, p, s, b, split_k=1),
+    "gemv-split3": lambda x, p, s, b: nf4_matmul.matmul_nf4_gemv(x, p, s, b, split_k=3),
+    "small": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=1),
+    "small-split3": lambda x, p, s, b: nf4_matmul.matmul_nf4_small_m(x, p, s, b, split_k=3),
     "fused": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b),
     "fused-split2": lambda x, p, s, b: nf4_matmul.matmul_nf4_fused(x, p, s, b, split_k=2),
     "dequantize": lambda x, p, s, b: nf4_matmul.matmul_nf4_dequantize(x, p, s, b),
 }
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("m", [3, 16])  # the small-M path: CUDA-core GEMV at 3, tensor cores at 16
-@pytest.mark.parametrize("shape", [(33, 130, 128), (40, 128, 64)])
-def test_every_forward_strategy(strategy, m, shape):
+@pytest.mark.parametrize("strategy,shape", [  # the GEMV reads rows holding whole blocks only
+    (strategy, shape) for strategy in STRATEGIES for shape in [(33, 130, 128), (40, 128, 64)]
+    if not (strategy.startswith("gemv") and shape[1] % shape[2])])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_every_forward_strategy(strategy, shape, m):
     packed, state, weight = _weight(*shape)
     x = torch.randn(m, shape[1]).half()
     bias = torch.randn(shape[0]).half()
@@ -84,13 +88,19 @@ def test_every_transposed_strategy(strategy, shape):
     assert_matmul_close(T_STRATEGIES[strategy](g, packed, state), g, weight, None, RTOL[torch.float16])
 
 
-def test_split_heuristic_splits_only_when_rows_are_few():
+def test_gemv_needs_whole_blocks():
+    packed, state, _ = _weight(33, 130, 128)
+    with pytest.raises(ValueError, match="whole blocks"):
+        nf4_matmul.matmul_nf4_gemv(torch.randn(1, 130), packed, state)
+
+
+def test_split_heuristic_splits_only_when_outputs_are_few():
     split = nf4_matmul.split_for_small_m
-    assert split(14336, 4096, 16) == 1
-    assert split(4096, 4096, 16) == 1
-    assert split(4096, 4096, 64) == 3  # 64 programs: 3 splits reach 132
-    assert split(40, 96, 16) == 1  # too little K to share
-    assert split(40, 100_000, 16) == nf4_matmul.SPLIT_MAX
+    assert split(14336, 4096, 224, 132) == 1  # enough programs already
+    assert split(4096, 4096, 64, 132) == 3  # 64 programs: 3 splits reach 132
+    assert split(4096, 4096, 4096, 32768) == 8  # GEMV threads: 8 splits reach 32768
+    assert split(40, 96, 40, 32768) == 1  # too little K to share
+    assert split(40, 100_000, 40, 32768) == nf4_matmul.SPLIT_MAX
 
 
 def test_leading_dims_and_strided_input():

@@ -8,7 +8,7 @@
             acc += sum_b partial[b, :] * scale[n-tile, b]               one scale per (row, block)
         y[m, n-tile] = acc + bias        (SPLIT > 1: atomic add into a zeroed float32 y)
 
-At M <= 4 the work per weight is a few FMAs, so the kernel is bound by the bytes of W (4.13 bits
+At M = 1 the work per weight is one FMA, so the kernel is bound by the bytes of W (4.13 bits
 per weight with double quant) and by the instructions that unpack them; see Note [GEMV tile].
 The K loop is a `tl.range` with num_stages, which lets Triton pipeline loads of a loop with no
 tl.dot.

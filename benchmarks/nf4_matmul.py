@@ -32,7 +32,7 @@ from kernels.nf4_dequant import dequantize_nf4
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # (N, K)
 QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
 ROWS = [1, 16, 64, 4096]
-GEMV_MAX_ROWS = 16  # beyond this the GEMV (one program per row of x) is pointless to time
+GEMV_MAX_ROWS = nf4_matmul.GEMV_M_MAX  # the streaming kernel takes at most this many rows
 SMALL_PATH_MAX_ROWS = 64  # beyond this the small-M tiles are pointless to time
 BLOCKSIZE = 64
 RTOL_BF16 = 8e-3  # W and y each rounded to bf16 once: <= 2 * 2^-8 of |x| @ |W|.T
@@ -137,7 +137,7 @@ def main() -> int:
     bnb = _bitsandbytes()
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}; NF4 + double quant, "
-              f"blocksize {BLOCKSIZE}, bf16; dispatch: FMA_M_MAX={nf4_matmul.FMA_M_MAX}, "
+              f"blocksize {BLOCKSIZE}, bf16; dispatch: "
               f"SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
               f"LARGE_M_STRATEGY_T={nf4_matmul.LARGE_M_STRATEGY_T!r}")
     print(header)
@@ -145,11 +145,12 @@ def main() -> int:
     failures: list[str] = []
     forward_rows, backward_rows, dequant_rows = [], [], []
     for n_rows, n_cols in shapes:
-        packed, state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
+        packed, raw_state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
+        state = kernels.prepare(packed, raw_state)  # checked once, as quant.Linear4bit keeps it
         w = dequantize_nf4(packed, state, torch.bfloat16)  # (N, K), the torch baseline's weight
-        wbytes = weight_bytes(state)
+        wbytes = weight_bytes(raw_state)
         if args.check:
-            same = torch.equal(w, reference.dequantize_nf4(packed, state, torch.bfloat16))
+            same = torch.equal(w, reference.dequantize_nf4(packed, raw_state, torch.bfloat16))
             print(f"  check dequantize {n_rows}x{n_cols}: {'bit-exact' if same else 'FAIL'}")
             if not same:
                 failures.append(f"dequantize {n_rows}x{n_cols}")

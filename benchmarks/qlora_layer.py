@@ -72,6 +72,7 @@ def main() -> int:
     m = args.rows
     for n_rows, n_cols in SHAPES:
         packed, state, _ = random_nf4_weight(n_rows, n_cols, bnb=None)
+        state = kernels.prepare(packed, state)  # checked once, as quant.Linear4bit keeps it
         weight = dequantize_nf4(packed, state, torch.bfloat16)  # frozen bf16 W, the same numbers
         x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         lora_a = (torch.randn(RANK, n_cols, device="cuda") / n_cols ** 0.5).bfloat16().requires_grad_()

@@ -17,7 +17,7 @@ import torch
 
 from kernels import reference
 
-__all__ = ["available", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "reference"]
+__all__ = ["available", "prepare", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "reference"]
 
 
 def available() -> bool:
@@ -28,6 +28,15 @@ def available() -> bool:
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def prepare(packed: torch.Tensor, state):
+    """Check (packed, state) once and return the launch-ready weight (kernels.nf4_tiles.NF4Weight).
+
+    Every function here accepts it in place of `state`, skipping the per-call checks: callers that
+    keep a weight across calls (quant.Linear4bit) prepare it once."""
+    from kernels.nf4_tiles import nf4_weight
+    return nf4_weight(packed, state, packed.device)
 
 
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -10,14 +10,19 @@ Tensor-core kernel (both directions; forward shown, g @ W swaps the roles of N a
             acc = tl.dot(w.to(x.dtype), xt, acc)
         y[m-tile, n-tile] = acc.T + bias      (SPLIT > 1: atomic add into a zeroed float32 y)
 
-Dispatch by M = rows of x (x flattened to (M, K)); the constants below are the knobs to set from
-measurements (benchmarks/nf4_matmul.py prints every strategy at every M):
+Dispatch by M = rows of x (x flattened to (M, K)); the constants below were set from H100
+measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchmarks/RESULTS.md):
 
-    M <= FMA_M_MAX       CUDA-core GEMV (kernels/nf4_gemv.py), split-K when N alone is too few threads
-                         (rows holding whole blocks only; other weights take the next line)
-    M <= SMALL_M_MAX     the tensor-core kernel with small-M tiles (BLOCK_M = 16), split-K likewise
-    larger M             LARGE_M_STRATEGY: "fused" (the kernel above with large tiles) or
-                         "dequantize" (W to a scratch buffer by kernels/nf4_dequant.py, then cuBLAS)
+    M <= GEMV_M_MAX      the streaming kernel of kernels/nf4_gemv.py (FMA at M = 1, tensor cores
+                         with x padded to 16 rows above), for rows holding whole blocks
+    larger M             LARGE_M_STRATEGY: "dequantize" (W to a scratch buffer by
+                         kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
+    other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
+
+Every function takes `(packed, state)`, where `state` may also be the `NF4Weight` that
+`kernels.prepare(packed, state)` returns: quant.Linear4bit prepares once and keeps it, so a call
+does no checking or reshaping on the host (at M = 1 a 4096 x 4096 product is a few microseconds
+of GPU time: host work per call shows directly).
 
 Note [W as the left operand]
     The kernel computes y.T = W @ x.T: the dequantized tile is tl.dot's left operand. Hopper's
@@ -46,17 +51,11 @@ Note [two strategies for large M]
     constant because its tile shapes differ.
 
 Note [split-K for small M]
-    At small M the time is the time to stream W, so the grid must keep enough loads in flight.
-    The GEMV has one thread per row of W (Note [GEMV tile]), the small-M tensor-core kernel
-    cdiv(N, BLOCK_N) programs; when that is fewer than GEMV_MIN_THREADS threads or
-    SPLIT_MIN_PROGRAMS programs, the K loop is split over several programs whose partial sums
-    are added atomically into a zeroed float32 output, then cast. That costs two extra small
-    launches (zero, cast: a few microseconds, comparable to a whole 4096 x 4096 GEMV), so it is
-    used only where the outputs alone cannot fill the GPU. BLOCK_N is autotuned after the split
-    is chosen, so the tensor-core estimate uses a typical BLOCK_N (SPLIT_ROWS_TENSOR_CORES). The
-    next step, if the two launches show in the M = 1 numbers: a zero-initialized float32
-    workspace kept by the module, where the last split of a tile (an atomic ticket) reads the
-    sum, writes y and zeroes its slots again, so no launch but the kernel's remains.
+    The small-M tensor-core kernel has cdiv(N, BLOCK_N) programs; when that is fewer than
+    SPLIT_MIN_PROGRAMS, the K loop is split over several programs whose partial sums are added
+    atomically into a zeroed float32 output, then cast (two extra small launches). BLOCK_N is
+    autotuned after the split is chosen, so the estimate uses a typical BLOCK_N
+    (SPLIT_ROWS_TENSOR_CORES). The streaming GEMV needs no split: its tiles are a few rows tall.
 """
 import math
 
@@ -66,22 +65,19 @@ import triton
 import triton.language as tl
 
 from kernels.nf4_dequant import dequantize_nf4
-from kernels.nf4_gemv import gemv_kernel
-from kernels.nf4_tiles import (NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, rows_hold_whole_blocks,
-                               store_output)
+from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_M_MAX, gemv_dot, gemv_fma
+from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
            "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
            "split_for_small_m"]
 
 # Dispatch (see the module docstring). Set from H100 measurements.
-SMALL_M_MAX = 16              # M at or below: the small-M path
-FMA_M_MAX = 1                 # M at or below: the CUDA-core GEMV (it unpacks W once per row of x)
-LARGE_M_STRATEGY = "fused"    # x @ W.T above SMALL_M_MAX: "fused" or "dequantize"
-LARGE_M_STRATEGY_T = "fused"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
+SMALL_M_MAX = GEMV_M_MAX      # M at or below: the streaming kernel
+LARGE_M_STRATEGY = "dequantize"    # x @ W.T above SMALL_M_MAX: "fused" or "dequantize"
+LARGE_M_STRATEGY_T = "dequantize"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
 
 # Split-K at small M (Note [split-K for small M]).
-GEMV_MIN_THREADS = 32768      # GEMV: one thread per row of W and split, at least this many
 SPLIT_MIN_PROGRAMS = 132      # tensor-core tiles: at least one program per H100 SM
 SPLIT_ROWS_TENSOR_CORES = 64  # typical BLOCK_N (BLOCK_K for g @ W) of the small-M tensor-core tiles
 SPLIT_MAX = 16
@@ -286,33 +282,44 @@ def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
 
 
 def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
-    """Launch x @ W.T on kernel_kind "gemv", "small" or "large" (tensor-core tiles)."""
+    """Launch x @ W.T on kernel_kind "gemv" (M <= GEMV_M_MAX), "small" or "large" (tensor-core tiles)."""
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
     _check_bias(bias, weight.n_rows, x.device)
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
-    if kernel_kind == "gemv" and not weight.whole_blocks:
-        raise ValueError(f"matmul_nf4_gemv: rows of W must hold whole blocks (K % blocksize == 0 and K % 8 == 0), "
-                         f"got K = {k}, blocksize = {weight.blocksize}; use matmul_nf4_small_m")
-    if split is None and kernel_kind == "gemv":
-        split = split_for_small_m(n, k, n, GEMV_MIN_THREADS)
+    if kernel_kind == "gemv":
+        if not _gemv_fits(weight):
+            raise ValueError(f"matmul_nf4_gemv: rows of W must hold whole blocks of at most {GEMV_BLOCKSIZE_MAX} "
+                             f"(K % blocksize == 0), got K = {k}, blocksize = {weight.blocksize}")
+        if m > GEMV_M_MAX:
+            raise ValueError(f"matmul_nf4_gemv: takes at most {GEMV_M_MAX} rows of x, got {m}")
+        split = 1 if split is None else split
     elif split is None:
         split = split_for_small_m(n, k, triton.cdiv(n, SPLIT_ROWS_TENSOR_CORES), SPLIT_MIN_PROGRAMS)
     _check_split(split)
     out = _new_output(m, n, x.dtype, x.device, split)
     if m > 0:
-        args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
-                m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
-        meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
         with on_device(x.device):
             if kernel_kind == "gemv":
-                del meta["WHOLE_BLOCKS"]  # the GEMV reads whole-block rows only
-                gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]), split)](*args, **meta)
+                kernel = gemv_fma if m == 1 else gemv_dot
+                kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](
+                    x2d, *_weight_args(weight), weight.byte_code, out if bias is None else bias, out, m, n, k,
+                    x2d.stride(0),
+                    out.stride(0), BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+                    OFFSET_IS_POINTER=weight.offset_is_pointer, HAS_BIAS=bias is not None, SPLIT=split,
+                    M_PAD=1 if m == 1 else GEMV_M_MAX)
             else:
+                args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
+                        m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
+                meta = dict(**_weight_meta(weight), HAS_BIAS=bias is not None, SPLIT=split)
                 kernel = _matmul_small_m if kernel_kind == "small" else _matmul_large_m
                 grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)
                 kernel[grid](*args, **meta, M_BUCKET=_m_bucket(m), DOT_PRECISION=_dot_precision(x.dtype))
     return _finish(out, x.dtype, x.shape[:-1], n)
+
+
+def _gemv_fits(weight: NF4Weight) -> bool:
+    return weight.whole_blocks and weight.blocksize <= GEMV_BLOCKSIZE_MAX
 
 
 def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
@@ -338,18 +345,20 @@ def _transposed(g, packed, state, split, kernel_kind: str) -> torch.Tensor:
 
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T (+ bias): (..., K) -> (..., N) in x's dtype, dispatched by M (module docstring)."""
+    weight = nf4_weight(packed, state, x.device)
     m = math.prod(x.shape[:-1])
-    if m <= FMA_M_MAX and rows_hold_whole_blocks(int(state.shape[-1]), int(state.blocksize)):
-        return matmul_nf4_gemv(x, packed, state, bias)
-    if m <= SMALL_M_MAX:
-        return matmul_nf4_small_m(x, packed, state, bias)
-    return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, state, bias)
+    if m <= SMALL_M_MAX and _gemv_fits(weight):
+        return matmul_nf4_gemv(x, packed, weight, bias)
+    if not weight.whole_blocks:
+        return matmul_nf4_dequantize(x, packed, weight, bias)
+    return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, weight, bias)
 
 
 def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
                     split_k: int | None = None) -> torch.Tensor:
-    """The CUDA-core GEMV (any M works, W is unpacked once per row of x; tuned for M = 1).
-    Rows of W must hold whole blocks. split_k None: Note [split-K for small M]."""
+    """The streaming kernel of kernels/nf4_gemv.py for M <= GEMV_M_MAX rows of x: FMA at M = 1,
+    tensor cores above. Rows of W must hold whole blocks of at most GEMV_BLOCKSIZE_MAX. split_k
+    None: no split (the (BLOCK_N rows) tiles already give enough programs; see Note [GEMV tile])."""
     return _forward(x, packed, state, bias, split_k, "gemv")
 
 

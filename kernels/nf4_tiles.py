@@ -79,6 +79,7 @@ class NF4Weight:
     n_cols: int                  # K, in_features
     blocksize: int
     double_quant: bool
+    byte_code: torch.Tensor      # float32 (256, 2): the two values a packed byte holds, high nibble first
 
     @property
     def offset_is_pointer(self) -> bool:
@@ -108,7 +109,10 @@ def _check_device(tensor: torch.Tensor, name: str, device: torch.device) -> None
 
 
 def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
-    """Check `packed` and `state` against each other and `device`; one clear error names the field."""
+    """Check `packed` and `state` against each other and `device`; one clear error names the field.
+    A `state` that is already an NF4Weight (from kernels.prepare) is returned as it is."""
+    if isinstance(state, NF4Weight):
+        return state
     try:
         n_rows, n_cols = (int(d) for d in state.shape)
     except (TypeError, ValueError):
@@ -153,9 +157,11 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
     else:
         absmax = absmax.reshape(-1).float().contiguous()
         nested_absmax, nested_code, offset = absmax, code, 0.0
+    byte = torch.arange(256, device=code.device)
+    byte_code = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
     return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
-                     blocksize=blocksize, double_quant=double_quant)
+                     blocksize=blocksize, double_quant=double_quant, byte_code=byte_code)
 
 
 @triton.jit

@@ -68,7 +68,7 @@ def _matmul_4bit(x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
     """x @ W^T: (M, in) -> (M, out), in x's dtype (the layer's compute dtype)."""
     if _on_kernels(x):
         import kernels
-        return kernels.matmul_nf4(x, layer.weight, layer.quant_state)
+        return kernels.matmul_nf4(x, layer.weight, layer.kernel_weight())
     return x @ layer.dequantize(x.dtype).t()
 
 
@@ -76,7 +76,7 @@ def _matmul_4bit_t(grad: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
     """grad @ W: (M, out) -> (M, in), the input's gradient, in grad's dtype."""
     if _on_kernels(grad):
         import kernels
-        return kernels.matmul_nf4_t(grad, layer.weight, layer.quant_state)
+        return kernels.matmul_nf4_t(grad, layer.weight, layer.kernel_weight())
     return grad @ layer.dequantize(grad.dtype)
 
 
@@ -244,13 +244,24 @@ class Linear4bit(nn.Module):
             nested_code=self.nested_quant_map, offset=self.offset,
         )
 
+    def kernel_weight(self):
+        """The weight as the Triton kernels take it (kernels.prepare), checked once and kept until
+        the packed codes or statistics move (a new device, a load with assign=True)."""
+        import kernels
+        key = (self.weight.data_ptr(), self.absmax.data_ptr(), self.weight.device)
+        cached = self.__dict__.get("_kernel_weight")
+        if cached is None or cached[0] != key:
+            cached = (key, kernels.prepare(self.weight, self.quant_state))
+            self.__dict__["_kernel_weight"] = cached
+        return cached[1]
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (out, in) in `dtype` (default: compute_dtype), a new tensor, not tracked by autograd."""
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
             if self.weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and _kernels_available():
                 import kernels
-                return kernels.dequantize_nf4(self.weight, self.quant_state, dtype)
+                return kernels.dequantize_nf4(self.weight, self.kernel_weight(), dtype)
             return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -277,6 +288,7 @@ class Linear4bit(nn.Module):
     # ----- devices and dtypes: see Note [statistics keep float32] ---------------------------
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel_weight", None)  # it holds the buffers of the old device
         before = {name: getattr(self, name) for name in _STATISTICS}
         super()._apply(fn, recurse)
         for name, old in before.items():

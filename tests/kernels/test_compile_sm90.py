@@ -66,9 +66,11 @@ def _compile_all() -> list[dict]:
         for split in (1, 2):
             out = torch.bfloat16 if split == 1 else torch.float32
             if whole:  # the GEMV reads whole-block rows only
-                run(f"gemv split={split}", nf4_gemv.gemv_kernel.fn,
-                    dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
-                    dict(fmt, HAS_BIAS=True, SPLIT=split), nf4_gemv._CONFIGS[0])
+                for m_pad, configs in ((1, nf4_gemv._FMA_CONFIGS), (16, nf4_gemv._DOT_CONFIGS)):
+                    run(f"gemv M_PAD={m_pad} split={split}", nf4_gemv._gemv_kernel,
+                        dict(x_ptr=torch.bfloat16, **weight, byte_code_ptr=torch.float32, bias_ptr=torch.bfloat16,
+                             out_ptr=out, **sizes),
+                        dict(fmt, HAS_BIAS=True, SPLIT=split, M_PAD=m_pad), configs[0])
             for kind, configs in (("small-M", nf4_matmul._SMALL_M_CONFIGS), ("large-M", nf4_matmul._LARGE_M_CONFIGS)):
                 run(f"x @ W.T {kind} whole={whole} split={split}", nf4_matmul._matmul_kernel,
                     dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
@@ -104,7 +106,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 20
+    assert len(results) == 22
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -135,3 +135,9 @@ def test_bad_inputs_raise_one_clear_error():
         kernels.matmul_nf4(torch.randn(3, 96), packed[:10], state)
     with pytest.raises(ValueError, match="splits"):
         nf4_matmul.matmul_nf4_small_m(torch.randn(3, 96), packed, state, split_k=0)
+
+
+def test_gemv_takes_at_most_16_rows():
+    packed, state, _ = _weight(40, 128, 64)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        nf4_matmul.matmul_nf4_gemv(torch.randn(17, 128).half(), packed, state)

@@ -19,6 +19,7 @@ for bit) before timing. The markdown tables go to stdout and, when OUT is set, $
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -118,12 +119,40 @@ def fmt(value, spec=".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def launch_overhead(n_rows: int = 4096, n_cols: int = 4096, calls: int = 300) -> str:
+    """Per-call cost at M = 1 when calls are issued back to back (the larger of host and GPU time),
+    against the GPU time alone: where the first is larger, the host (Python, Triton's launcher)
+    limits small products, not the kernel."""
+    packed, raw_state, _ = random_nf4_weight(n_rows, n_cols, None)
+    state = kernels.prepare(packed, raw_state)
+    w = dequantize_nf4(packed, state, torch.bfloat16)
+    x = torch.randn(1, n_cols, device="cuda", dtype=torch.bfloat16)
+    runs = {"torch x @ W.T": lambda: x @ w.T,
+            "ours (prepared)": lambda: kernels.matmul_nf4(x, packed, state),
+            "ours (unprepared)": lambda: kernels.matmul_nf4(x, packed, raw_state),
+            "empty_like (one launch)": lambda: torch.empty_like(x).zero_()}
+    lines = [f"launch overhead at M = 1, {n_rows} x {n_cols}: us per call", "",
+             "| call | back to back | GPU only (do_bench) |", "|---|---|---|"]
+    for name, fn in runs.items():
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / calls * 1e6
+        gpu = do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=None) * 1e3
+        lines.append(f"| {name} | {wall:.1f} | {gpu:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES} at M = 1, 16, 4096")
     parser.add_argument("--check", action="store_true", help="compare every output with the reference first")
     parser.add_argument("--shapes", help="N x K list, e.g. 4096x4096,14336x4096")
     parser.add_argument("--rows", help="M list, e.g. 1,16,64,4096")
+    parser.add_argument("--overhead", action="store_true", help="also time the per-call launch overhead at M = 1")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -223,6 +252,8 @@ def main() -> int:
         "|---|---|---|",
         *dequant_rows,
     ])
+    if args.overhead:
+        report += "\n\n" + launch_overhead()
     if failures:
         report += f"\n\nCHECK FAILURES: {', '.join(failures)}"
     print("\n" + report)

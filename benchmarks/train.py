@@ -1,0 +1,152 @@
+"""QLoRA training throughput and peak memory: ours against HF transformers + PEFT + bitsandbytes.
+
+    PYTHONPATH=. python3 -m benchmarks.train                      # the table of issue 7 (GPU)
+    PYTHONPATH=. python3 -m benchmarks.train --shapes llama3.2-1b:4 --steps 4
+
+Each run is its own process (clean memory peak): random-weight Llama shapes, NF4 + double quant,
+LoRA r=16 alpha=32 on all seven linear kinds, gradient checkpointing, seq 2048, random tokens,
+bf16 autocast, clipping at 1.0, paged AdamW (32-bit states). Ours goes through the trainer's own
+`lora.train.training_step`. Tokens/s = batch * seq / median step time; peak = the largest
+`torch.cuda.max_memory_allocated` over the timed steps (after warm-up, so optimizer state is in).
+The peer runs benchmarks/train_peer.py; bitsandbytes must be importable (carry its wheel).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ours(args: dict) -> dict:
+    import lora
+    import lora.optim
+    import models
+    import quant
+    from lora.data import Batch
+    from lora.train import training_step
+
+    cfg = models.LlamaConfig.preset(args["shape"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        model = models.Llama(cfg)
+        torch.set_default_dtype(previous)
+    quant.quantize(model, compute_dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    lora.wrap(model, r=16, alpha=32)
+    model.gradient_checkpointing = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = lora.optim.AdamW(params, lr=2e-4, paged=args.get("paged", True))
+    B, T = args["batch"], args["seq"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    batch = Batch(input_ids=ids, labels=ids.clone(), position_ids=torch.arange(T).expand(B, T).contiguous(),
+                  document_ids=torch.zeros(B, T, dtype=torch.long))
+    device = torch.device("cuda")
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    for _ in range(args["warmup"]):
+        training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args["steps"]):
+        t0 = time.perf_counter()
+        metrics = training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    paged = "paged" if args.get("paged", True) else "unpaged"
+    return {"impl": f"ours ({paged} AdamW)", "step_s": median, "tokens_per_s": B * T / median,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": metrics["loss"]}
+
+
+def spawn(kind: str, args: dict) -> dict:
+    """Run one configuration in a fresh process and return its result line."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if kind == "peer":  # no repository on the path: our `kernels` must not shadow PyPI's
+        env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                             if p and Path(p).resolve() != ROOT)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "train_peer.py"), json.dumps(args)]
+        cwd = "/tmp"
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.train", "--worker", json.dumps(args)]
+        cwd = str(ROOT)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=args.get("timeout", 900))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
+    return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="llama3.2-1b:4,llama3.1-8b:1",
+                        help="comma-separated preset:batch pairs")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peer-recipes", default="bf16", help="comma-separated: bf16, tutorial; empty for none")
+    parser.add_argument("--unpaged", action="store_true", help="also run ours with the unpaged optimizer")
+    args = parser.parse_args(argv)
+    if args.worker:
+        try:
+            result = ours(json.loads(args.worker))
+        except torch.cuda.OutOfMemoryError as e:
+            result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import models
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"python {sys.version.split()[0]}", flush=True)
+    rows = []
+    for item in args.shapes.split(","):
+        shape, batch = item.split(":")
+        base = {"shape": shape, "batch": int(batch), "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+        runs = [("ours", base)]
+        if args.unpaged:
+            runs.append(("ours", base | {"paged": False}))
+        hf_config = models.LlamaConfig.preset(shape).to_hf_config()
+        for recipe in filter(None, args.peer_recipes.split(",")):
+            runs.append(("peer", base | {"hf_config": hf_config, "recipe": recipe}))
+        for kind, run_args in runs:
+            t0 = time.time()
+            result = spawn(kind, run_args)
+            result.update(shape=shape, batch=int(batch), wall_s=time.time() - t0)
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+
+    lines = ["| shape, batch | implementation | tokens/s | peak GiB | vs peer tokens/s | vs peer memory |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        peer = next((r for r in rows if r["shape"] == row["shape"] and r.get("impl", "").startswith("hf")
+                     and "error" not in r), None)
+        if "error" in row:
+            lines.append(f"| {row['shape']}, {row['batch']} | {row.get('impl', '?')} | {row['error'][:80]} | | | |")
+            continue
+        speed = f"{row['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        memory = f"{row['peak_gib'] / peer['peak_gib']:.2f}x" if peer else "-"
+        lines.append(f"| {row['shape']}, {row['batch']} | {row['impl']} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['peak_gib']:.1f} | {speed} | {memory} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "train.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

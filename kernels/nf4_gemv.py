@@ -89,12 +89,22 @@ def _gemv_kernel(
     last = tl.minimum(first + per_split, chunks)
     word_in_tile = tl.arange(0, NB)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (NB, WPB)
     if M_PAD == 1:
+        # Note [register double buffering]: the words and scales of chunk i + 1 are loaded before
+        # chunk i is multiplied, so a chunk's loads are in flight during the previous one's math.
         acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)  # one partial sum per word of the tile
+        end_word = tl.minimum(row_words, last * (BLOCK_K // 8))  # this split's words end here
+        word = first * (BLOCK_K // 8) + word_in_tile  # (NB, WPB)
+        words = tl.load(word_rows + word[None, :, :], mask=(rows < N)[:, None, None]
+                        & (word < end_word)[None, :, :], other=0)  # (BLOCK_N, NB, WPB) int32
+        scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
+                        first * NB + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER)
         for chunk in range(first, last):
-            k0 = chunk * BLOCK_K
-            word = k0 // 8 + word_in_tile  # (NB, WPB)
-            words = tl.load(word_rows + word[None, :, :], mask=(rows < N)[:, None, None]
-                            & (word < row_words)[None, :, :], other=0)  # (BLOCK_N, NB, WPB) int32
+            next_word = word + BLOCK_K // 8
+            next_words = tl.load(word_rows + next_word[None, :, :], mask=(rows < N)[:, None, None]
+                                 & (next_word < end_word)[None, :, :], other=0)
+            next_scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
+                                 (chunk + 1) * NB + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT,
+                                 OFFSET_IS_POINTER)  # (BLOCK_N, NB); zero past the row
             dot8 = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
             for b in tl.static_range(4):  # byte b of a word holds elements 8*word + 2b (high), 2b + 1
                 pair = tl.load(byte_code_ptr.to(tl.pointer_type(tl.int64)) + ((words >> (8 * b)) & 0xFF))
@@ -105,10 +115,8 @@ def _gemv_kernel(
                 x_lo = tl.load(x_pair + 1, mask=word < row_words, other=0.0).to(tl.float32)
                 dot8 += hi * x_hi[None, :, :]  # two FMAs
                 dot8 += lo * x_lo[None, :, :]
-            scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
-                            k0 // BLOCKSIZE + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT,
-                            OFFSET_IS_POINTER)  # (BLOCK_N, NB)
             acc += dot8 * scale[:, :, None]  # post-scaling: sum_k c_k s x_k = s sum_k c_k x_k
+            word, words, scale = next_word, next_words, next_scale
         y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
         store_output(y[:, None], tl.zeros((1, 1), dtype=tl.int32), rows[:, None], out_ptr, stride_om,
                      bias_ptr, M, N, pid_k, HAS_BIAS, SPLIT)

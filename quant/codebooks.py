@@ -29,9 +29,10 @@ Note [thresholds in float32]
     exact in float64 and then rounded to float32; float32's (a + b) / 2 is the same number, since
     halving is exact. These are the 15 constants of the reference's NF4 decision tree
     (0.03979014977812767, ...). A value goes up past a threshold only if it is strictly greater,
-    which is `torch.bucketize(x, thresholds, right=False)`. (bitsandbytes' CUDA FP4 tree writes its
-    thresholds as short decimals, e.g. 0.583333 rather than 0.5833333; we use the exact midpoints,
-    so FP4 can differ from that kernel for values within ~1e-6 of a threshold. NF4 is exact.)
+    which is `torch.bucketize(x, thresholds, right=False)`. bitsandbytes' CUDA FP4 tree writes its
+    thresholds as short decimals (0.583333 rather than 0.5833333, 0.00260417 rather than
+    0.0026041667): FP4_THRESHOLDS are those float32 literals, so ratios that land between the two
+    spellings (7/12 does, and bf16 weights hit such exact ratios often) get the kernel's code.
 """
 import torch
 
@@ -81,7 +82,10 @@ def _midpoints(sorted_values: torch.Tensor) -> torch.Tensor:
 
 NF4_THRESHOLDS = _midpoints(NF4_CODE)  # (15,)
 _FP4_MAG_SORTED, _FP4_MAG_ORDER = FP4_CODE[:8].sort()  # ascending magnitudes and their 3-bit codes
-FP4_THRESHOLDS = _midpoints(_FP4_MAG_SORTED)  # (7,)
+# The midpoints of _FP4_MAG_SORTED as the reference kernel spells them (Note [thresholds in float32]).
+FP4_THRESHOLDS = torch.tensor(
+    [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333], dtype=torch.float32
+)  # (7,)
 
 
 def nearest_code(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:

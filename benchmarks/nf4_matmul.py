@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--shapes", help="N x K list, e.g. 4096x4096,14336x4096")
     parser.add_argument("--rows", help="M list, e.g. 1,16,64,4096")
     parser.add_argument("--overhead", action="store_true", help="also time the per-call launch overhead at M = 1")
+    parser.add_argument("--dispatch-only", action="store_true",
+                        help="time torch, ours (the dispatch) and bitsandbytes only, not each strategy")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -196,6 +198,8 @@ def main() -> int:
                 "dequant": lambda: nf4_matmul.matmul_nf4_dequantize(x, packed, state),
                 "bnb": (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)) if bnb_state is not None else None,
             }
+            if args.dispatch_only:
+                runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
             if args.check:
                 exact = exact_product(x, w.T)
                 for name, fn in runs.items():
@@ -210,8 +214,8 @@ def main() -> int:
                 rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
                     f"**{speedup['ours']:.2f}** | {fmt(speedup['gemv'], '.2f')} | {fmt(speedup['small'], '.2f')} | "
-                    f"{speedup['fused']:.2f} | "
-                    f"{speedup['dequant']:.2f} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
+                    f"{fmt(speedup['fused'], '.2f')} | "
+                    f"{fmt(speedup['dequant'], '.2f')} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             forward_rows.append(line)
         for m in [r for r in rows if r > nf4_matmul.SMALL_M_MAX]:

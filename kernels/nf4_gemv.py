@@ -39,14 +39,12 @@ GEMV_M_MAX = 16  # rows of x the kernel takes (the tensor-core operand is padded
 GEMV_BLOCKSIZE_MAX = 256  # BLOCK_K of every config is at least this: a tile holds whole blocks
 
 _FMA_CONFIGS = [  # a thread holding several rows loads each x value once for all of them
-    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w in ((16, 256, 2), (32, 256, 2), (32, 256, 4), (64, 256, 4), (32, 512, 4), (64, 512, 8))
-    for s in (1, 3)
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
+    for n, k, w in ((16, 256, 2), (32, 256, 2), (64, 256, 4), (32, 512, 4))
 ]
 _DOT_CONFIGS = [  # tl.dot needs 16 rows at least
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w in ((16, 256, 4), (16, 512, 4), (32, 256, 4), (64, 256, 8))
-    for s in (1, 3)
+    for n, k, w, s in ((16, 256, 4, 1), (32, 256, 4, 3), (64, 256, 8, 3))
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=1)
 

@@ -132,10 +132,18 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if self.use_dora:
             return self._dora_forward(x)
-        result = self.base_layer(x)
-        a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))  # (..., out)
-        return result + (self.scaling * update).to(result.dtype)
+        result = self.base_layer(x)  # (..., out)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        # Under autocast the adapters run in the autocast dtype: casting x to the adapters' float32
+        # would copy every activation for nothing. Without autocast x meets the adapters' dtype.
+        x_a = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        h = F.linear(self.lora_dropout(x_a), a)  # (..., r)
+        if torch.is_autocast_enabled(x.device.type) or h.dtype == result.dtype:
+            # result + s * h B^T as one GEMM with the sum in its epilogue (beta = 1, alpha = s)
+            flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(),
+                               alpha=self.scaling)
+            return flat.view(result.shape)
+        return result + (self.scaling * F.linear(h, b)).to(result.dtype)
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """bias + (m / ||W0 + sBA||_row) * (W0 x + s B A dropout(x)); the norm is detached."""

@@ -21,7 +21,7 @@ def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
-def causal_lm_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def causal_lm_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Summed loss of predicting labels[:, t+1] from hidden[:, t]. hidden (B, T, D), labels (B, T).
 
     `head` maps (n, D) hidden states to (n, vocab) logits (the model's lm_head module)."""

@@ -158,3 +158,18 @@ def test_protocol_base_works_without_being_nn_linear():
     x = torch.randn(4, 9, dtype=torch.float64)
     expected = x @ w.T + base.bias + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_under_autocast_the_adapter_path_runs_in_the_autocast_dtype():
+    base = nn.Linear(32, 24).to(torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 24)
+    expected = base(x).float() + 2.0 * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0

@@ -27,17 +27,25 @@ Note [paged optimizer state]
     used on the two copy streams: `record_stream` on both tells the caching allocator not to
     reuse their memory, once freed, before the copies queued there have ended.
 
+    Pages stay resident on the device while they fit: a page is placed on the device when the
+    resident pages, that page and the slots (N_SLOTS x page size) together stay within the budget,
+    and in host memory otherwise. With a budget of at least the whole state plus the slots, a paged
+    step is an unpaged one (the state never moves); with a smaller one, only what does not fit
+    crosses the link. `stream` starts the copies of the host pages, updates the resident pages
+    while those copies run, then the streamed ones.
+
     Without CUDA the same loop runs with plain synchronous copies and no streams, so CPU tests
     cover the paging (page boundaries, slot reuse, write-back) and give the same numbers as
     paged=False. This is not CUDA managed memory: nothing here can oversubscribe the GPU.
 
 Note [page size]
-    Every page is at most `MAX_PAGE_BYTES` (16 MiB) and at most a quarter of the budget, and there
-    are `N_SLOTS` (4) slots, so the device working set is at most the budget. Small pages shorten
-    the start and end of the pipeline (the first copy-in and the last write-back are not hidden)
-    and 16 MiB keeps each copy long (~0.3 ms over PCIe 5) next to the ~50 us of launches per page.
-    A paged step moves the whole state over PCIe twice, so it is bounded by the link (about
-    50 GB/s each way), not by the update (about 3 TB/s of device memory).
+    Every page is at most `MAX_PAGE_BYTES` (16 MiB) and at most an eighth of the budget, and there
+    are `N_SLOTS` (4) slots, so the slots take at most half the budget and the rest can keep pages
+    resident. Small pages shorten the start and end of the pipeline (the first copy-in and the
+    last write-back are not hidden), and even 8 MiB (the default budget's) keeps each copy long
+    (~0.15 ms over PCIe 5) next to the ~50 us of launches per page. A streamed page crosses PCIe
+    twice per step, so the streamed part of a step is bounded by the link (about 50 GB/s each
+    way), not by the update (about 3 TB/s of device memory).
 """
 from dataclasses import dataclass
 from typing import Iterator
@@ -99,6 +107,7 @@ class Page:
     end: int
     layout: Layout
     store: torch.Tensor  # uint8 (nbytes,): on the device, or in (pinned) host memory
+    on_host: bool = False  # paged and not resident: streamed through the slots
 
     @property
     def n_blocks(self) -> int:
@@ -119,9 +128,10 @@ class StateStore:
         self.device = torch.device(device)
         self.paged = paged
         self.budget = DEFAULT_PAGE_BUDGET_BYTES if page_budget_bytes is None else page_budget_bytes
-        self.page_bytes = min(MAX_PAGE_BYTES, self.budget // N_SLOTS)  # see Note [page size]
+        self.page_bytes = min(MAX_PAGE_BYTES, self.budget // (2 * N_SLOTS))  # see Note [page size]
         self.pages: dict[int, list[Page]] = {}
         self.slots: list[torch.Tensor] = []  # uint8 (slot_bytes,) on the device, when paged
+        self.resident_bytes = 0  # paged: bytes of pages kept on the device (Note [paged optimizer state])
         self._cuda = paged and self.device.type == "cuda"
         if self._cuda:
             self._copy_in = torch.cuda.Stream(self.device)
@@ -139,39 +149,47 @@ class StateStore:
             raise ValueError(f"state for {n_elements} elements: not a multiple of {BLOCK}")
         if self.paged and self.page_bytes < layout.block_bytes:
             raise ValueError(
-                f"page_budget_bytes={self.budget} is too small: {N_SLOTS} slots of at least "
-                f"{layout.block_bytes} bytes (one block of {BLOCK} elements) are needed"
+                f"page_budget_bytes={self.budget} is too small: pages are an eighth of the budget "
+                f"and need at least {layout.block_bytes} bytes (one block of {BLOCK} elements)"
             )
         if not self.paged:
             bounds = [0, n_elements] if n_elements else []
         else:
             per_page = (self.page_bytes // layout.block_bytes) * BLOCK
             bounds = list(range(0, n_elements, per_page)) + [n_elements]
-        n_blocks = n_elements // BLOCK
         pinned = self.paged and self.device.type == "cuda"
-        home = torch.device("cpu") if self.paged else self.device
-        buffer = torch.empty(n_blocks * layout.block_bytes, dtype=torch.uint8, device=home,
-                             pin_memory=pinned)
-        pages, offset = [], 0
+        pages = []
         for start, end in zip(bounds[:-1], bounds[1:]):
             size = (end - start) // BLOCK * layout.block_bytes
-            page = Page(key, start, end, layout, buffer[offset : offset + size])
+            on_device = not self.paged or self._fits_resident(size)
+            home = self.device if on_device else torch.device("cpu")
+            store = torch.empty(size, dtype=torch.uint8, device=home, pin_memory=pinned and not on_device)
+            page = Page(key, start, end, layout, store, on_host=not on_device)
             layout.fill_(page.store, page.n_blocks)
+            if self.paged and on_device:
+                self.resident_bytes += size
             pages.append(page)
-            offset += size
         self.pages[key] = pages
         return pages
 
+    def _fits_resident(self, size: int) -> bool:
+        """Whether a new page of `size` bytes may stay on the device (Note [paged optimizer state])."""
+        return self.resident_bytes + size + N_SLOTS * self.page_bytes <= self.budget
+
+    @staticmethod
+    def _on_host(page: Page) -> bool:
+        return page.on_host
+
     @property
     def device_bytes(self) -> int:
-        """Bytes of state this store holds on the device: all of it, or the slots when paged."""
+        """Bytes of state this store holds on the device: all of it, or resident pages and slots."""
         if self.paged:
-            return sum(slot.numel() for slot in self.slots)
+            return self.resident_bytes + sum(slot.numel() for slot in self.slots)
         return sum(page.nbytes for pages in self.pages.values() for page in pages)
 
     @property
     def host_bytes(self) -> int:
-        return sum(page.nbytes for pages in self.pages.values() for page in pages) if self.paged else 0
+        return sum(page.nbytes for pages in self.pages.values() for page in pages if self._on_host(page))
 
     def _ensure_slots(self, pages: list[Page]) -> list[torch.Tensor]:
         n_slots = min(N_SLOTS, len(pages))
@@ -193,11 +211,11 @@ class StateStore:
 
         The caller enqueues its update of the page on the current stream before asking for the
         next one. See Note [paged optimizer state]."""
-        if not self.paged:
-            for page in pages:
-                yield page, page.views()
-            return
+        resident = [page for page in pages if not self._on_host(page)]
+        pages = [page for page in pages if self._on_host(page)]
         if not pages:
+            for page in resident:
+                yield page, page.views()
             return
         slots = self._ensure_slots(pages)
         n = len(slots)
@@ -221,6 +239,8 @@ class StateStore:
         try:
             for i in range(min(n - 1, len(pages))):
                 load(i)
+            for page in resident:  # updated while the first host pages are on their way
+                yield page, page.views()
             for i, page in enumerate(pages):
                 if i + n - 1 < len(pages):
                     load(i + n - 1)

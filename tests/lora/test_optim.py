@@ -8,7 +8,7 @@ import lora.optim as optim
 from lora.optim import AdamW, load_state, save_state
 
 SHAPES = [(16, 300), (7,), (64, 80), (3, 5), (4096 + 37,), (33, 121)]  # small, odd and >4096 tensors
-TINY_BUDGET = 3 * 4096  # pages of a few blocks: many pages and every slot reused each step
+TINY_BUDGET = 6 * 4096  # pages of a few blocks: many pages and every slot reused each step
 
 
 def _params(shapes=SHAPES):
@@ -383,3 +383,27 @@ def test_load_state_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ValueError):
         load_state(fresh, path.with_name("junk.safetensors"))
     assert fresh.state_dict()["param_groups"] == before["param_groups"]  # nothing half-loaded
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_pages_that_fit_the_budget_stay_resident_and_the_rest_stream(bits):
+    params = _params()
+    twins = _clone(params)
+    data = _data(params)
+    unpaged = AdamW(_groups(params), lr=1e-2, state_bits=bits)
+    total = sum(p.numel() for p in params) * 8  # at most 8 bytes of state per element
+    budget = TINY_BUDGET + total // 2  # the slots, and room for about half of the state
+    paged = AdamW(_groups(twins), lr=1e-2, state_bits=bits, paged=True, page_budget_bytes=budget)
+    for _ in range(6):
+        for opt, ps in ((unpaged, params), (paged, twins)):
+            opt.zero_grad()
+            _backward(ps, data)
+            opt.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+    store = next(iter(paged._stores.values()))
+    pages = [page for s in paged._segments for page in s.pages]
+    streamed = [page for page in pages if store._on_host(page)]
+    assert 0 < len(streamed) < len(pages)  # some of each
+    assert store.resident_bytes > 0 and store.host_bytes == sum(page.nbytes for page in streamed)
+    assert paged.state_bytes()["device"] <= budget

@@ -152,7 +152,8 @@ class StateStore:
                 f"page_budget_bytes={self.budget} is too small: pages are an eighth of the budget "
                 f"and need at least {layout.block_bytes} bytes (one block of {BLOCK} elements)"
             )
-        if not self.paged:
+        whole = n_elements // BLOCK * layout.block_bytes
+        if not self.paged or self._fits_resident(whole):  # one page, on the device
             bounds = [0, n_elements] if n_elements else []
         else:
             per_page = (self.page_bytes // layout.block_bytes) * BLOCK
@@ -284,7 +285,7 @@ class StateStore:
         parts: dict[str, list[torch.Tensor]] = {}
         for piece, view in self._parts(key, start, stop):
             parts.setdefault(piece.name, []).append(view)
-        return {name: torch.cat(views).cpu() for name, views in parts.items()}
+        return {name: torch.cat([view.cpu() for view in views]) for name, views in parts.items()}
 
     def write(self, key: int, start: int, stop: int, values: dict[str, torch.Tensor]) -> None:
         """Set the state of elements [start, stop) of key (whole blocks) from `values` (as read)."""

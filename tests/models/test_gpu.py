@@ -58,7 +58,8 @@ def test_nf4_load_on_cuda_equals_cpu(tmp_path):
     write_folder(tmp_path / "m", model, shards=2)
     on_gpu = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device="cuda", quantize="nf4")
     on_cpu = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, device="cpu", quantize="nf4")
-    assert all(t.device.type == "cuda" for t in on_gpu.state_dict().values())
+    # Every tensor is on the GPU but the JSON blobs of quant state, which bitsandbytes keeps on the CPU.
+    assert all(t.device.type == "cuda" for k, t in on_gpu.state_dict().items() if ".quant_state." not in k)
     cpu_modules = dict(on_cpu.named_modules())
     for name, module in on_gpu.named_modules():
         if type(module).__name__ == "Linear4bit":  # quantized on the GPU: the same 4-bit weights

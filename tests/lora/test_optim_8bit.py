@@ -57,7 +57,6 @@ def test_dynamic_map_round_trip_error_is_half_a_code_gap(signed):
     back = optim.dequantize_blockwise(
         nn.functional.pad(codes, (0, -codes.numel() % 256)), absmax, code)[: x.numel()]
     assert torch.equal(back, dequantize_blockwise(codes, absmax, code))  # same decoding as quant
-    y = _scaled(codes, absmax, x)
     gap = torch.diff(code)  # (255,)
     c = codes.long()
     half_gap = torch.maximum(gap[(c - 1).clamp(0, 254)], gap[c.clamp(0, 254)]) / 2

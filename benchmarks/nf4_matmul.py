@@ -17,7 +17,6 @@ M = 4096, and the dequantization kernel alone (GB/s of packed W + stats + the bf
 for bit) before timing. The markdown tables go to stdout and, when OUT is set, $OUT/nf4_matmul.md.
 """
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels
+from benchmarks.report import publish
 from kernels import nf4_matmul, reference
 from kernels.nf4_dequant import dequantize_nf4
 
@@ -260,12 +260,7 @@ def main() -> int:
         report += "\n\n" + launch_overhead()
     if failures:
         report += f"\n\nCHECK FAILURES: {', '.join(failures)}"
-    print("\n" + report)
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "nf4_matmul.md")
-        with open(path + ".tmp", "w") as f:
-            f.write(report + "\n")
-        os.replace(path + ".tmp", path)
+    publish("nf4_matmul", report)
     return 1 if failures else 0
 
 

@@ -15,7 +15,6 @@ when OUT is set.
 """
 import argparse
 import gc
-import os
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import lora.optim
+from benchmarks.report import publish
 
 LAYERS, HIDDEN, KV, INTERMEDIATE, R = 32, 4096, 1024, 14336, 16
 PROJECTIONS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
@@ -162,11 +162,7 @@ def main() -> None:
     ours32 = results["ours 32-bit"]
     lines.append(f"- unpaged 32-bit vs torch fused: {ours32['ms'] / fused['ms']:.2f}x (target <= 1.0x); "
                  f"8-bit state is {results['ours 8-bit']['state'] / max(ours32['state'], 1):.2f} of 32-bit")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "optimizer.md"), "w") as f:
-            f.write(text)
+    publish("optimizer", "\n".join(lines))
 
 
 if __name__ == "__main__":

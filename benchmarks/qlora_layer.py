@@ -12,7 +12,6 @@ each large-M strategy alone. Ratio = bf16 LoRA time / QLoRA time (target >= 0.95
 to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -20,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels
+from benchmarks.report import publish
 from benchmarks.nf4_matmul import random_nf4_weight
 from kernels import nf4_matmul
 from kernels.nf4_dequant import dequantize_nf4
@@ -118,12 +118,7 @@ def main() -> int:
     ])
     if failures:
         report += f"\n\nCHECK FAILURES: {', '.join(failures)}"
-    print("\n" + report)
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "qlora_layer.md")
-        with open(path + ".tmp", "w") as f:
-            f.write(report + "\n")
-        os.replace(path + ".tmp", path)
+    publish("qlora_layer", report)
     return 1 if failures else 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import publish
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,9 +144,7 @@ def main(argv=None) -> int:
         lines.append(f"| {row['shape']}, {row['batch']} | {row['impl']} | {row['tokens_per_s']:,.0f} | "
                      f"{row['peak_gib']:.1f} | {speed} | {memory} |")
     table = "\n".join(lines)
-    print("\n" + table)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "train.md").write_text(table + "\n")
+    publish("train", table)
     return 0
 
 

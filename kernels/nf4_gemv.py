@@ -31,7 +31,7 @@ other weights take the dequantize + matmul path (kernels/nf4_matmul.py).
 import triton
 import triton.language as tl
 
-from kernels.nf4_tiles import block_scale, interpreting, store_output
+from kernels.nf4_tiles import block_scale, interpreting, split_range, store_output
 
 __all__ = ["gemv_fma", "gemv_dot", "GEMV_M_MAX", "GEMV_BLOCKSIZE_MAX"]
 
@@ -81,10 +81,7 @@ def _gemv_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     row_words = K // 8
     word_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None, None] * row_words
-    chunks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(chunks, SPLIT)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, chunks)
+    first, last = split_range(tl.cdiv(K, BLOCK_K), pid_k, SPLIT)
     word_in_tile = tl.arange(0, NB)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (NB, WPB)
     if M_PAD == 1:
         # Note [register double buffering]: the words and scales of chunk i + 1 are loaded before

@@ -66,7 +66,7 @@ import triton.language as tl
 
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_M_MAX, gemv_dot, gemv_fma
-from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, store_output
+from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
            "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
@@ -147,10 +147,7 @@ def _matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # (BLOCK_M,)
-    chunks = tl.cdiv(K, BLOCK_K)
-    chunks_per_split = tl.cdiv(chunks, SPLIT)
-    first = pid_split * chunks_per_split
-    last = tl.minimum(first + chunks_per_split, chunks)
+    first, last = split_range(tl.cdiv(K, BLOCK_K), pid_split, SPLIT)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T
     for chunk in range(first, last):
         k0 = chunk * BLOCK_K
@@ -185,10 +182,7 @@ def _matmul_t_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     g_rows = g_ptr + offs_m.to(tl.int64) * stride_gm  # (BLOCK_M,)
-    chunks = tl.cdiv(N, BLOCK_N)
-    chunks_per_split = tl.cdiv(chunks, SPLIT)
-    first = pid_split * chunks_per_split
-    last = tl.minimum(first + chunks_per_split, chunks)
+    first, last = split_range(tl.cdiv(N, BLOCK_N), pid_split, SPLIT)
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # out.T
     for chunk in range(first, last):
         offs_n = chunk * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kernels.reference import NESTED_BLOCKSIZE
 
-__all__ = ["NF4Weight", "nf4_weight", "rows_hold_whole_blocks", "block_scale", "nibble_shifts", "nf4_tile",
+__all__ = ["NF4Weight", "nf4_weight", "rows_hold_whole_blocks", "block_scale", "split_range", "nibble_shifts", "nf4_tile",
            "store_output", "interpreting", "on_device"]
 
 _NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
@@ -162,6 +162,14 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
     return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
                      blocksize=blocksize, double_quant=double_quant, byte_code=byte_code)
+
+
+@triton.jit
+def split_range(n_chunks, split_id, SPLIT: tl.constexpr):
+    """[first, last) of the n_chunks reduction chunks that split `split_id` of SPLIT owns."""
+    per_split = tl.cdiv(n_chunks, SPLIT)
+    first = split_id * per_split
+    return first, tl.minimum(first + per_split, n_chunks)
 
 
 @triton.jit

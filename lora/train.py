@@ -160,11 +160,15 @@ class Trainer:
         )
         self.progress = Progress()
         self.history: list[dict] = []
+        self._order: tuple[int, list[int]] | None = None  # (epoch, row order), see _epoch_order
 
     # ---- data order -------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
-        return torch.randperm(len(self.train_rows), generator=g).tolist()
+        """The row order of an epoch, drawn from the seed once per epoch (not per micro-batch)."""
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_rows), generator=g).tolist())
+        return self._order[1]
 
     def _next_batch(self) -> Batch:
         """The next micro-batch of rows; epochs reshuffle deterministically from the seed."""

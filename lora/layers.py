@@ -136,9 +136,10 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         # Under autocast the adapters run in the autocast dtype: casting x to the adapters' float32
         # would copy every activation for nothing. Without autocast x meets the adapters' dtype.
-        x_a = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        x_a = x if autocast else x.to(a.dtype)
         h = F.linear(self.lora_dropout(x_a), a)  # (..., r)
-        if torch.is_autocast_enabled(x.device.type) or h.dtype == result.dtype:
+        if autocast or h.dtype == result.dtype:
             # result + s * h B^T as one GEMM with the sum in its epilogue (beta = 1, alpha = s)
             flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(),
                                alpha=self.scaling)

@@ -6,8 +6,10 @@
 Each run is its own process (clean memory peak): random-weight Llama shapes, NF4 + double quant,
 LoRA r=16 alpha=32 on all seven linear kinds, gradient checkpointing, seq 2048, random tokens,
 bf16 autocast, clipping at 1.0, paged AdamW (32-bit states). Ours goes through the trainer's own
-`lora.train.training_step`. Tokens/s = batch * seq / median step time; peak = the largest
-`torch.cuda.max_memory_allocated` over the timed steps (after warm-up, so optimizer state is in).
+`lora.train.training_step`, with CUDA graphs as the trainer uses them (--eager adds a run
+without). Tokens/s = batch * seq / median step time; peak = `torch.cuda.max_memory_allocated`
+over warm-up (graph capture included: a replay allocates nothing) and timed steps; reserved =
+`max_memory_reserved` over the same span (what the caching allocator held).
 The peer runs benchmarks/train_peer.py; bitsandbytes must be importable (carry its wheel).
 """
 import argparse
@@ -27,12 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ours(args: dict) -> dict:
     import lora
+    import lora.loss
     import lora.optim
     import models
     import quant
     from lora.data import Batch
+    from lora.graphs import StepGraphs
     from lora.train import training_step
 
+    if args.get("loss_chunk"):
+        lora.loss.CHUNK = args["loss_chunk"]
     cfg = models.LlamaConfig.preset(args["shape"])
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -56,21 +62,26 @@ def ours(args: dict) -> dict:
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    for _ in range(args["warmup"]):
-        training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast)
+    graphs = StepGraphs(model, optimizer, torch.bfloat16) if args.get("graphs", True) else None
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # peaks of training, warm-up and graph capture included
+    for _ in range(args["warmup"]):
+        training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast, graphs)
+    torch.cuda.synchronize()
     times = []
     for _ in range(args["steps"]):
         t0 = time.perf_counter()
-        metrics = training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast)
+        metrics = training_step(model, params, optimizer, [batch], 2e-4, 1.0, device, autocast, graphs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
     paged = "paged" if args.get("paged", True) else "unpaged"
-    return {"impl": f"ours ({paged} AdamW)", "step_s": median, "tokens_per_s": B * T / median,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": metrics["loss"]}
+    mode = "CUDA graphs" if graphs is not None and graphs.replays else "eager"
+    chunk = f", loss chunk {lora.loss.CHUNK}" if args.get("loss_chunk") else ""
+    return {"impl": f"ours ({paged} AdamW, {mode}{chunk})", "step_s": median, "tokens_per_s": B * T / median,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "loss": metrics["loss"]}
 
 
 def spawn(kind: str, args: dict) -> dict:
@@ -102,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peer-recipes", default="bf16", help="comma-separated: bf16, tutorial; empty for none")
     parser.add_argument("--unpaged", action="store_true", help="also run ours with the unpaged optimizer")
+    parser.add_argument("--eager", action="store_true", help="also run ours without CUDA graphs")
+    parser.add_argument("--loss-chunks", default="", help="comma-separated: also run ours with these loss chunks")
     args = parser.parse_args(argv)
     if args.worker:
         try:
@@ -121,6 +134,10 @@ def main(argv=None) -> int:
         runs = [("ours", base)]
         if args.unpaged:
             runs.append(("ours", base | {"paged": False}))
+        if args.eager:
+            runs.append(("ours", base | {"graphs": False}))
+        for chunk in filter(None, args.loss_chunks.split(",")):
+            runs.append(("ours", base | {"loss_chunk": int(chunk)}))
         hf_config = models.LlamaConfig.preset(shape).to_hf_config()
         for recipe in filter(None, args.peer_recipes.split(",")):
             runs.append(("peer", base | {"hf_config": hf_config, "recipe": recipe}))
@@ -131,18 +148,18 @@ def main(argv=None) -> int:
             print(json.dumps(result), flush=True)
             rows.append(result)
 
-    lines = ["| shape, batch | implementation | tokens/s | peak GiB | vs peer tokens/s | vs peer memory |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| shape, batch | implementation | tokens/s | peak GiB | reserved GiB | vs peer tokens/s "
+             "| vs peer memory |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         peer = next((r for r in rows if r["shape"] == row["shape"] and r.get("impl", "").startswith("hf")
                      and "error" not in r), None)
         if "error" in row:
-            lines.append(f"| {row['shape']}, {row['batch']} | {row.get('impl', '?')} | {row['error'][:80]} | | | |")
+            lines.append(f"| {row['shape']}, {row['batch']} | {row.get('impl', '?')} | {row['error'][:80]} | | | | |")
             continue
         speed = f"{row['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
         memory = f"{row['peak_gib'] / peer['peak_gib']:.2f}x" if peer else "-"
         lines.append(f"| {row['shape']}, {row['batch']} | {row['impl']} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['peak_gib']:.1f} | {speed} | {memory} |")
+                     f"{row['peak_gib']:.1f} | {row['reserved_gib']:.1f} | {speed} | {memory} |")
     table = "\n".join(lines)
     publish("train", table)
     return 0

@@ -76,10 +76,11 @@ def main(args: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # peaks of training, warm-up included (as for ours)
     for _ in range(args["warmup"]):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args["steps"]):
         t0 = time.perf_counter()
@@ -89,7 +90,8 @@ def main(args: dict) -> dict:
     times.sort()
     median = times[len(times) // 2]
     return {"impl": f"hf+peft+bnb ({args['recipe']})", "step_s": median, "tokens_per_s": B * T / median,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "loss": float(loss)}
 
 
 if __name__ == "__main__":

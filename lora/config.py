@@ -46,6 +46,7 @@ class Config:
     optimizer_bits: int = 32  # 32 or 8
     paged: bool = True  # optimizer state in pinned CPU memory (CUDA only; no effect on CPU)
     gradient_checkpointing: bool = True
+    cuda_graphs: bool = True  # replay each micro-batch's forward + backward as a CUDA graph (GPU only)
     # evaluation, samples, checkpoints
     eval_every: int = 50  # steps; 0: only before and after training
     save_every: int = 100  # steps; 0: only at the end

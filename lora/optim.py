@@ -404,6 +404,16 @@ class AdamW(torch.optim.Optimizer):
                     p.grad = view
 
     @torch.no_grad()
+    def attach_grads(self) -> None:
+        """Make every parameter's `.grad` its view of the flat gradient buffer, keeping the values
+        (a missing gradient becomes zeros, so the next step updates every parameter). Backward
+        passes then accumulate in place into buffers whose addresses never change, which is what
+        a captured CUDA graph writes to (lora/graphs.py). Cheap when nothing was replaced."""
+        for segment in self._segments:
+            for pos in segment.gather():
+                segment.params[pos].grad = segment.grad_views[pos]
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:

@@ -3,7 +3,8 @@
     python -m lora.train run.toml [--field value ...]        or     lora.train.run(Config(...))
 
 config -> models.Llama.from_pretrained(quantize="nf4") -> lora.wrap -> lora.data (template, masks,
-packing) -> steps: bf16 autocast on GPU (fp32 on CPU), gradient checkpointing, accumulation,
+packing) -> steps: bf16 autocast on GPU (fp32 on CPU), CUDA graphs of each micro-batch's forward
+and backward (lora/graphs.py), gradient checkpointing, accumulation,
 warmup + cosine schedule, clipping, lora.optim.AdamW (paged on GPU) -> periodic eval loss and
 sample answers -> atomic checkpoints that resume exactly -> the adapter in the PEFT layout, and
 optionally a merged HF-format folder.
@@ -30,7 +31,8 @@ from lora.config import Config, apply_overrides, load_config, parse_args
 from lora.data import (
     IGNORE, Batch, DataStats, pack, pad_rows, read_jsonl, split_eval, tokenize, unpacked,
 )
-from lora.loss import causal_lm_loss_sum
+from lora.graphs import PAD_MULTIPLE, StepGraphs
+from lora.loss import loss_sum
 
 __all__ = ["Config", "run", "main", "learning_rate", "Trainer", "training_step", "loss_sum"]
 
@@ -74,26 +76,19 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
-def loss_sum(model, batch: Batch, device: torch.device, autocast) -> torch.Tensor:
-    """Summed next-token loss of one batch (see lora.loss). Rows that each hold one unpadded
-    document need no attention mask, so SDPA keeps its fast causal path."""
-    packed = bool((batch.document_ids != 0).any())  # several documents in a row, or padding
-    batch = batch.to(device)
-    with autocast:
-        hidden = model.model(batch.input_ids, position_ids=batch.position_ids,
-                             document_ids=batch.document_ids if packed else None)  # (B, T, D)
-        return causal_lm_loss_sum(hidden, model.lm_head, batch.labels)
-
-
 def training_step(model, params, optimizer, batches: list[Batch], lr: float, max_grad_norm: float,
-                  device: torch.device, autocast) -> dict:
+                  device: torch.device, autocast, graphs: StepGraphs | None = None) -> dict:
     """One optimizer step over `batches` (gradient accumulation): the loss is the mean over every
     trained token of all of them; gradients are clipped to max_grad_norm; `autocast()` gives the
-    autocast context. Returns loss, lr, grad_norm and the number of tokens."""
+    autocast context. With `graphs` (CUDA), each micro-batch's forward and backward replays a
+    captured CUDA graph (lora/graphs.py). Returns loss, lr, grad_norm and the number of tokens."""
     model.train()
     n_trained = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
     total = torch.zeros((), device=device)
     for batch in batches:
+        if graphs is not None:
+            total += graphs.forward_backward(batch, 1.0 / max(n_trained, 1))
+            continue
         loss = loss_sum(model, batch, device, autocast()) / max(n_trained, 1)
         loss.backward()
         total += loss.detach()
@@ -158,6 +153,8 @@ class Trainer:
             self.params, lr=config.lr, weight_decay=config.weight_decay,
             state_bits=config.optimizer_bits, paged=config.paged and self.device.type == "cuda",
         )
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.graphs = StepGraphs(self.model, self.optimizer, self._autocast_dtype(), log=log) if use_graphs else None
         self.progress = Progress()
         self.history: list[dict] = []
         self._order: tuple[int, list[int]] | None = None  # (epoch, row order), see _epoch_order
@@ -180,12 +177,19 @@ class Trainer:
         p.batch_in_epoch += 1
         rows = [self.train_rows[i] for i in picked]
         length = max(len(r.ids) for r in rows)
+        if self.graphs is not None:  # a few shapes, so a few graphs (lora/graphs.py)
+            length = max(length, min(-(-length // PAD_MULTIPLE) * PAD_MULTIPLE, self.config.max_length))
         return pad_rows(rows, length, self.tok.pad_id)
 
     # ---- one step ---------------------------------------------------------------------------
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """bf16/fp16 autocast on CUDA; None (no autocast) on the CPU or in float32."""
+        cuda = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+        return self.dtype if cuda else None
+
     def _autocast(self):
-        enabled = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        dtype = self._autocast_dtype()
+        return torch.autocast(self.device.type, dtype=dtype or self.dtype, enabled=dtype is not None)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         return loss_sum(self.model, batch, self.device, self._autocast())
@@ -195,7 +199,7 @@ class Trainer:
         lr = learning_rate(self.config, self.progress.step, self.total_steps)
         skipped_before = self.optimizer.skipped_steps
         metrics = training_step(self.model, self.params, self.optimizer, batches, lr,
-                                self.config.max_grad_norm, self.device, self._autocast)
+                                self.config.max_grad_norm, self.device, self._autocast, self.graphs)
         self.progress.step += 1
         self.progress.skipped_steps += self.optimizer.skipped_steps - skipped_before
         self.progress.tokens_seen += metrics["tokens"]

@@ -376,6 +376,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._inv_freq: torch.Tensor | None = None  # rope frequencies, computed once per device
+
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        """rope_inverse_frequencies(config) on `device` (a tensor's device), computed on first use:
+        a forward pass then launches no kernels (and copies nothing from the host) for them, as
+        CUDA graphs need."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inverse_frequencies(self.config, device)
+        return self._inv_freq
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None):
         """(B, T) token ids -> (B, T, hidden) final hidden states. See Llama.forward."""
@@ -402,7 +411,7 @@ class LlamaModel(nn.Module):
         mask = build_attention_mask(T, past, attention_mask, document_ids, device)
 
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        inv_freq = rope_inverse_frequencies(self.config, device)  # (D/2,)
+        inv_freq = self.rope_frequencies(device)  # (D/2,)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)

@@ -155,6 +155,30 @@ def test_set_to_none_and_replaced_tensors_are_copied_back_in():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_attach_grads_points_every_grad_at_the_flat_buffer_keeping_values():
+    """What CUDA graphs need (lora/graphs.py): after attach_grads every .grad is its fixed view of
+    the flat buffer, replaced gradients are copied in, missing ones are zeros, and a later backward
+    accumulates there in place."""
+    params = _params()
+    opt = AdamW(params, lr=1e-3)
+    (segment,) = opt._segments
+    data = _data(params)
+    _backward(params[:3], data)  # fresh autograd tensors for three parameters, None for the rest
+    fresh = [p.grad.clone() for p in params[:3]]
+    opt.attach_grads()
+    assert all(p.grad is v for p, v in zip(params, segment.grad_views))
+    for p, g in zip(params[:3], fresh):
+        assert p.grad.equal(g)
+    assert not any(p.grad.any() for p in params[3:])
+    _backward(params, data)
+    twins = _clone(params)
+    _backward(twins[:3], data)
+    _backward(twins, data)
+    for p, q, view in zip(params, twins, segment.grad_views):
+        assert p.grad is view
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_a_parameter_replaced_by_another_shape_is_named():
     params = _params()
     opt = AdamW(params)

@@ -8,8 +8,10 @@ same LoRA layer on a frozen bf16 weight, same run.
 
 The LoRA part is plain torch here (no lora/ or quant/ import); the NF4 base is a small
 autograd.Function over kernels.matmul_nf4 / matmul_nf4_t (what quant.Linear4bit calls), and over
-each large-M strategy alone. Ratio = bf16 LoRA time / QLoRA time (target >= 0.95). Markdown table
-to stdout and, when OUT is set, to $OUT/qlora_layer.md.
+each large-M strategy alone. Ratio = bf16 LoRA time / QLoRA time (target >= 0.95). The "graphed"
+columns time the same forward + backward captured in a CUDA graph on both sides (as the trainer
+runs it, lora/graphs.py): GPU time without the Python and launch cost of each call. Markdown
+table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
 import sys
@@ -50,6 +52,23 @@ class NF4Base(torch.autograd.Function):
 def lora(x, base, lora_a, lora_b):
     """base(x) + (alpha / r) * B(A x)."""
     return base(x) + (ALPHA / RANK) * ((x @ lora_a.T) @ lora_b.T)
+
+
+def graphed(step, tensors) -> torch.cuda.CUDAGraph:
+    """`step` captured in a CUDA graph after a warm-up; its gradients accumulate into `tensors`'
+    .grad in place on every replay (the values do not matter for timing)."""
+    for t in tensors:
+        t.grad = torch.zeros_like(t)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and lazy set-up happen outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -101,9 +120,13 @@ def main() -> int:
                     failures.append(f"{name} {n_rows}x{n_cols}")
         times = {name: do_bench(lambda b=base: step(b), grad_to_none=[x, lora_a, lora_b], return_mode="median")
                  for name, base in bases.items()}
+        replays = {name: graphed(lambda b=bases[name]: step(b), [x, lora_a, lora_b]) for name in ("bf16", "dispatch")}
+        graph_times = {name: do_bench(g.replay, return_mode="median") for name, g in replays.items()}
         line = (f"| {n_rows} x {n_cols} | {m} | {times['bf16']:.3f} | {times['dispatch']:.3f} | "
                 f"**{times['bf16'] / times['dispatch']:.3f}** | {times['bf16'] / times['fused']:.3f} | "
-                f"{times['bf16'] / times['dequantize']:.3f} |")
+                f"{times['bf16'] / times['dequantize']:.3f} | {graph_times['bf16']:.3f} | "
+                f"{graph_times['dispatch']:.3f} | **{graph_times['bf16'] / graph_times['dispatch']:.3f}** |")
+        del replays
         print(line, flush=True)
         lines.append(line)
         del packed, state, weight, x, lora_a, lora_b, grad_y
@@ -112,8 +135,9 @@ def main() -> int:
     report = "\n".join([
         f"{header}\n",
         "times in ms (median); ratio = bf16 LoRA time / QLoRA time (target >= 0.95)\n",
-        "| N x K | M | bf16 LoRA | QLoRA (dispatch) | ratio | ratio, fused | ratio, dequantize+cuBLAS |",
-        "|---|---|---|---|---|---|---|",
+        "| N x K | M | bf16 LoRA | QLoRA (dispatch) | ratio | ratio, fused | ratio, dequantize+cuBLAS "
+        "| graphed bf16 LoRA | graphed QLoRA | graphed ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *lines,
     ])
     if failures:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Tuned, cold_graph_bench
 from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
 __all__ = ["dequantize_nf4"]
@@ -27,7 +28,7 @@ _INTERPRETER_CONFIG = triton.Config({"BYTES": 64}, num_warps=4)
 
 
 @triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else _CONFIGS,
-                 key=["numel", "BLOCKSIZE", "DOUBLE_QUANT"])
+                 key=["numel", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=cold_graph_bench)  # kernels/launch.py
 @triton.jit
 def _dequantize_kernel(
     # pointers
@@ -60,6 +61,9 @@ def _dequantize_kernel(
     tl.store(out_ptr + offs, (values * scale).to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
+_DEQUANTIZE = Tuned(_dequantize_kernel)  # tuned once per key, then launched directly (kernels/launch.py)
+
+
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W as an (N, K) tensor of `dtype` (float32, float16 or bfloat16) on packed's device."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -72,9 +76,10 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloa
     def grid(meta):
         return (triton.cdiv(nbytes, meta["BYTES"]),)
 
+    key = (numel, weight.blocksize, weight.double_quant, dtype)  # the autotuner's key and the dtype
     with on_device(packed.device):
-        _dequantize_kernel[grid](
-            weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code,
+        _DEQUANTIZE(
+            key, grid, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code,
             out, numel, nbytes, weight.absmax.numel(),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
             OFFSET_IS_POINTER=weight.offset_is_pointer,

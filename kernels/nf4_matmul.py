@@ -14,7 +14,8 @@ Dispatch by M = rows of x (x flattened to (M, K)); the constants below were set 
 measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchmarks/RESULTS.md):
 
     M <= GEMV_M_MAX      the streaming kernel of kernels/nf4_gemv.py (FMA at M = 1, tensor cores
-                         with x padded to 16 rows above), for rows holding whole blocks
+                         with x padded to 16 rows above), for rows holding whole blocks; its code
+                         lookup is nf4_gemv.GEMV_LOOKUP (M = 1) / GEMV_DOT_LOOKUP (M > 1)
     larger M             LARGE_M_STRATEGY: "dequantize" (W to a scratch buffer by
                          kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
     other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
@@ -64,8 +65,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import nf4_gemv
+from kernels.launch import Tuned
 from kernels.nf4_dequant import dequantize_nf4
-from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_M_MAX, gemv_dot, gemv_fma
+from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
@@ -201,6 +204,7 @@ def _autotuned(kernel, configs, interpreter_config):
                            reset_to_zero=["out_ptr"])(kernel)
 
 
+_GEMV_FMA, _GEMV_DOT = Tuned(gemv_fma), Tuned(gemv_dot)  # tuned once per key, then launched directly
 _matmul_small_m = _autotuned(_matmul_kernel, _SMALL_M_CONFIGS, _SMALL_M_INTERPRETER)
 _matmul_large_m = _autotuned(_matmul_kernel, _LARGE_M_CONFIGS, _LARGE_M_INTERPRETER)
 _matmul_t_small_m = _autotuned(_matmul_t_kernel, _SMALL_M_T_CONFIGS, _T_SMALL_M_INTERPRETER)
@@ -275,8 +279,9 @@ def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
         raise ValueError(f"matmul_nf4: bias is on {bias.device}, the input is on {device}")
 
 
-def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
-    """Launch x @ W.T on kernel_kind "gemv" (M <= GEMV_M_MAX), "small" or "large" (tensor-core tiles)."""
+def _forward(x, packed, state, bias, split, kernel_kind: str, lookup: str | None = None) -> torch.Tensor:
+    """Launch x @ W.T on kernel_kind "gemv" (M <= GEMV_M_MAX), "small" or "large" (tensor-core tiles).
+    lookup: the GEMV's code lookup (kernels/nf4_gemv.py); None: _gemv_lookup's choice."""
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
     _check_bias(bias, weight.n_rows, x.device)
@@ -288,6 +293,8 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
         if m > GEMV_M_MAX:
             raise ValueError(f"matmul_nf4_gemv: takes at most {GEMV_M_MAX} rows of x, got {m}")
         split = 1 if split is None else split
+        if m == 1 and x2d.data_ptr() % 8:  # the M = 1 kernel reads 16-bit x 8 bytes at a time
+            x2d = x2d.clone()
     elif split is None:
         split = split_for_small_m(n, k, triton.cdiv(n, SPLIT_ROWS_TENSOR_CORES), SPLIT_MIN_PROGRAMS)
     _check_split(split)
@@ -295,13 +302,15 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
     if m > 0:
         with on_device(x.device):
             if kernel_kind == "gemv":
-                kernel = gemv_fma if m == 1 else gemv_dot
-                kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split)](
-                    x2d, *_weight_args(weight), weight.byte_code, out if bias is None else bias, out, m, n, k,
-                    x2d.stride(0),
-                    out.stride(0), BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
-                    OFFSET_IS_POINTER=weight.offset_is_pointer, HAS_BIAS=bias is not None, SPLIT=split,
-                    M_PAD=1 if m == 1 else GEMV_M_MAX)
+                kernel = _GEMV_FMA if m == 1 else _GEMV_DOT
+                lookup = _gemv_lookup(lookup, x.dtype, m)
+                key = (n, k, split, weight.blocksize, weight.double_quant, lookup, x.dtype, bias is not None)
+                kernel(key, lambda c: (triton.cdiv(n, c["BLOCK_N"]), split),
+                       x2d, *_weight_args(weight), weight.byte_code, weight.code_planes, out if bias is None else bias,
+                       out, m, n, k, k // 8, x2d.stride(0), out.stride(0), BLOCKSIZE=weight.blocksize,
+                       DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
+                       HAS_BIAS=bias is not None, SPLIT=split, M_PAD=1 if m == 1 else GEMV_M_MAX,
+                       LOOKUP=lookup, IN_REGISTERS=not interpreting())
             else:
                 args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
                         m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))
@@ -310,6 +319,21 @@ def _forward(x, packed, state, bias, split, kernel_kind: str) -> torch.Tensor:
                 grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), split)
                 kernel[grid](*args, **meta, M_BUCKET=_m_bucket(m), DOT_PRECISION=_dot_precision(x.dtype))
     return _finish(out, x.dtype, x.shape[:-1], n)
+
+
+def _gemv_lookup(lookup: str | None, dtype: torch.dtype, m: int) -> str:
+    """The GEMV's code lookup: `lookup` if given, else nf4_gemv.GEMV_LOOKUP (M = 1) or GEMV_DOT_LOOKUP,
+    except that float32 x takes the exact float32 values (the "prmt" tables round them) and
+    float16 x the float16 table ("prmt", 2^-12) rather than the bfloat16 one (2^-8)."""
+    if lookup is None:
+        lookup = nf4_gemv.GEMV_LOOKUP if m == 1 else nf4_gemv.GEMV_DOT_LOOKUP
+        if dtype == torch.float32 and lookup.startswith("prmt"):
+            lookup = "nibble"
+        elif dtype == torch.float16 and lookup == "prmt_bf16":
+            lookup = "prmt"
+    if lookup not in GEMV_LOOKUPS:
+        raise ValueError(f"matmul_nf4_gemv: lookup must be one of {GEMV_LOOKUPS}, got {lookup!r}")
+    return lookup
 
 
 def _gemv_fits(weight: NF4Weight) -> bool:
@@ -349,11 +373,12 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
 
 
 def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
-                    split_k: int | None = None) -> torch.Tensor:
+                    split_k: int | None = None, lookup: str | None = None) -> torch.Tensor:
     """The streaming kernel of kernels/nf4_gemv.py for M <= GEMV_M_MAX rows of x: FMA at M = 1,
     tensor cores above. Rows of W must hold whole blocks of at most GEMV_BLOCKSIZE_MAX. split_k
-    None: no split (the (BLOCK_N rows) tiles already give enough programs; see Note [GEMV tile])."""
-    return _forward(x, packed, state, bias, split_k, "gemv")
+    None: no split (the (BLOCK_N rows) tiles already give enough programs; see Note [GEMV tile]).
+    lookup: one of GEMV_LOOKUPS, None for the module's choice (_gemv_lookup)."""
+    return _forward(x, packed, state, bias, split_k, "gemv", lookup)
 
 
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,

@@ -32,8 +32,8 @@ Note [code lookup]
     tiles equal the reference's dequantized W. In the tensor-core kernels Triton's pipeliner
     stages this gather through shared memory like an operand load (seen in the sm_90 IR), at
     BLOCK_N * BLOCK_K * 4 bytes per stage, which bounds num_stages. Where the lookup limits the
-    small-M path, the next step is an in-register table (byte permutes with inline PTX), which the
-    CPU interpreter cannot run.
+    small-M path, the M = 1 GEMV uses an in-register table instead (byte permutes in inline PTX:
+    Note [prmt lookup] in kernels/nf4_gemv.py).
 """
 import contextlib
 import os
@@ -80,6 +80,8 @@ class NF4Weight:
     blocksize: int
     double_quant: bool
     byte_code: torch.Tensor      # float32 (256, 2): the two values a packed byte holds, high nibble first
+    code_planes: torch.Tensor    # int32 (16, 32): byte planes of `code` as float16, then as filled bfloat16
+                                 # (kernels/nf4_gemv.py, Note [prmt lookup]), one copy per lane
 
     @property
     def offset_is_pointer(self) -> bool:
@@ -159,9 +161,26 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
         nested_absmax, nested_code, offset = absmax, code, 0.0
     byte = torch.arange(256, device=code.device)
     byte_code = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
+    halves = torch.stack([code.half().view(torch.int16), _filled_bf16(code)])  # (2, 16) 16-bit patterns
+    code_bytes = halves.contiguous().view(torch.uint8).view(2, 16, 2)  # (2, 16, 2): low, high byte of each
+    code_planes = code_bytes.transpose(1, 2).contiguous().view(torch.int32).reshape(16, 1).expand(16, 32)
     return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
-                     blocksize=blocksize, double_quant=double_quant, byte_code=byte_code)
+                     blocksize=blocksize, double_quant=double_quant, byte_code=byte_code,
+                     code_planes=code_planes.contiguous())
+
+
+def _filled_bf16(code: torch.Tensor) -> torch.Tensor:
+    """int16 (16,): for each value v of `code` the top half h of a float32 whose low half is 16 copies
+    of h's sign bit (0x0000 or 0xFFFF) and whose value is nearest to v: the "prmt_bf16" table of
+    kernels/nf4_gemv.py builds such float32s with byte permutes alone (Note [prmt lookup])."""
+    top = (code.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) >> 16  # (16,)
+    candidates = (top[:, None] + torch.arange(-1, 2, device=code.device)) & 0xFFFF  # (16, 3)
+    bits = (candidates << 16) | torch.where(candidates >= 0x8000, 0xFFFF, 0)
+    values = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+    error = (values - code[:, None]).abs().nan_to_num(float("inf"))
+    best = candidates.gather(1, error.argmin(1, keepdim=True))[:, 0]  # (16,)
+    return torch.where(best >= 0x8000, best - 0x10000, best).to(torch.int16)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ def _compile_all() -> list[dict]:
 
     from kernels import nf4_dequant, nf4_gemv, nf4_matmul
 
-    names = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
     def build(fn, args: dict, constexprs: dict, config) -> dict:
         signature, attrs = {}, {}
@@ -49,7 +49,7 @@ def _compile_all() -> list[dict]:
     weight = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, nested_absmax_ptr=torch.float32,
                   nested_code_ptr=torch.float32, offset=torch.float32, code_ptr=torch.float32)
     fmt = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, OFFSET_IS_POINTER=True)
-    sizes = dict(M=4096, N=4096, K=4096, row_bytes=2048, M_BUCKET=4096, stride_xm=4096, stride_gm=4096,
+    sizes = dict(M=4096, N=4096, K=4096, row_bytes=2048, row_words=512, M_BUCKET=4096, stride_xm=4096, stride_gm=4096,
                  stride_om=4096)
     results = []
 
@@ -65,12 +65,14 @@ def _compile_all() -> list[dict]:
         layout = dict(fmt, WHOLE_BLOCKS=whole)
         for split in (1, 2):
             out = torch.bfloat16 if split == 1 else torch.float32
-            if whole:  # the GEMV reads whole-block rows only
-                for m_pad, configs in ((1, nf4_gemv._FMA_CONFIGS), (16, nf4_gemv._DOT_CONFIGS)):
-                    run(f"gemv M_PAD={m_pad} split={split}", nf4_gemv._gemv_kernel,
-                        dict(x_ptr=torch.bfloat16, **weight, byte_code_ptr=torch.float32, bias_ptr=torch.bfloat16,
-                             out_ptr=out, **sizes),
-                        dict(fmt, HAS_BIAS=True, SPLIT=split, M_PAD=m_pad), configs[0])
+            if whole:  # the GEMV reads whole-block rows only; every M = 1 lookup (prmt: inline PTX)
+                for m_pad, lookup, configs in [(1, lookup, nf4_gemv._FMA_CONFIGS) for lookup in nf4_gemv.GEMV_LOOKUPS] \
+                        + [(16, lookup, nf4_gemv._DOT_CONFIGS) for lookup in ("prmt", "prmt_bf16", "nibble")]:
+                    run(f"gemv M_PAD={m_pad} {lookup} split={split}", nf4_gemv._gemv_kernel,
+                        dict(x_ptr=torch.bfloat16, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32,
+                             bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
+                        dict(fmt, HAS_BIAS=True, SPLIT=split, M_PAD=m_pad, LOOKUP=lookup, IN_REGISTERS=True),
+                        configs[0])
             for kind, configs in (("small-M", nf4_matmul._SMALL_M_CONFIGS), ("large-M", nf4_matmul._LARGE_M_CONFIGS)):
                 run(f"x @ W.T {kind} whole={whole} split={split}", nf4_matmul._matmul_kernel,
                     dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=out, **sizes),
@@ -79,6 +81,10 @@ def _compile_all() -> list[dict]:
                 run(f"g @ W {kind} whole={whole} split={split}", nf4_matmul._matmul_t_kernel,
                     dict(g_ptr=torch.bfloat16, **weight, out_ptr=out, **sizes),
                     dict(layout, SPLIT=split, DOT_PRECISION="tf32"), configs[0])
+    run("gemv M_PAD=1 nibble float32 x", nf4_gemv._gemv_kernel,
+        dict(x_ptr=torch.float32, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32,
+             bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
+        dict(fmt, HAS_BIAS=False, SPLIT=1, M_PAD=1, LOOKUP="nibble", IN_REGISTERS=True), nf4_gemv._FMA_CONFIGS[0])
     run("x @ W.T large-M float32 (ieee dot)", nf4_matmul._matmul_kernel,
         dict(x_ptr=torch.float32, **weight, bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
         dict(fmt, WHOLE_BLOCKS=True, HAS_BIAS=False, SPLIT=1, DOT_PRECISION="ieee"), nf4_matmul._LARGE_M_CONFIGS[0])
@@ -106,7 +112,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 22
+    assert len(results) == 33
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import nf4_matmul, reference
+from kernels import nf4_gemv, nf4_matmul, reference
 from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -78,8 +78,8 @@ TRANSPOSED = {
 }
 
 
-@pytest.mark.parametrize("strategy", FORWARD)
-@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("strategy,m", [(strategy, m) for strategy in FORWARD for m in (1, 3, 16, 64)
+                                        if not (strategy.startswith("gemv") and m > nf4_gemv.GEMV_M_MAX)])
 def test_every_forward_strategy(strategy, m):
     packed, state, weight = _weight(1024, 4096, 64)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
@@ -102,3 +102,32 @@ def test_offset_on_the_host_and_leading_dims():
     got = kernels.matmul_nf4(x, packed, state)
     assert got.shape == (2, 8, 4096)
     assert_matmul_close(got.reshape(16, 4096), x.reshape(16, 4096), weight.T, None, RTOL[torch.bfloat16])
+
+
+# Every GEMV lookup (M = 1 and 16) on the shapes of benchmarks/gemv_variants.py and odd ones (N not a
+# multiple of any BLOCK_N, K not a multiple of any BLOCK_K, blocksize 128 and 256).
+GEMV_SHAPES = [(4096, 4096, 64), (14336, 4096, 64), (4096, 14336, 64), (8192, 8192, 64), (28672, 8192, 64),
+               (4095, 4160, 64), (333, 1280, 128), (1000, 2816, 256)]
+
+
+@pytest.mark.parametrize("lookup", nf4_gemv.GEMV_LOOKUPS)
+@pytest.mark.parametrize("n_rows,n_cols,blocksize", GEMV_SHAPES)
+def test_gemv_lookups(lookup, n_rows, n_cols, blocksize):
+    packed, state, weight = _weight(n_rows, n_cols, blocksize)
+    bias = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 16):
+        x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
+        got = nf4_matmul.matmul_nf4_gemv(x, packed, state, bias, lookup=lookup)
+        assert_matmul_close(got, x, weight.T, bias, RTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("lookup", nf4_gemv.GEMV_LOOKUPS)
+def test_gemv_lookups_float16_split_and_unaligned_x(lookup):
+    packed, state, weight = _weight(4095, 4160, 64)
+    for m in (1, 5):
+        x = torch.randn(m, 4160, device="cuda", dtype=torch.float16)
+        assert_matmul_close(nf4_matmul.matmul_nf4_gemv(x, packed, state, lookup=lookup), x, weight.T, None,
+                            RTOL[torch.float16])
+    x = torch.randn(1, 4161, device="cuda", dtype=torch.bfloat16)[:, 1:]  # 2-byte aligned: copied
+    got = nf4_matmul.matmul_nf4_gemv(x, packed, state, lookup=lookup, split_k=3)
+    assert_matmul_close(got, x, weight.T, None, RTOL[torch.bfloat16])

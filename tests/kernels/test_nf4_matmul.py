@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import nf4_matmul, reference
-from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
+from kernels import nf4_gemv, nf4_matmul, reference
+from kernels.nf4_tiles import _filled_bf16
+from tests.kernels.nf4_inputs import NF4_CODE, assert_matmul_close, random_nf4
 
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -86,6 +87,56 @@ def test_every_transposed_strategy(strategy, shape):
     packed, state, weight = _weight(*shape)
     g = torch.randn(5, shape[0]).half()
     assert_matmul_close(T_STRATEGIES[strategy](g, packed, state), g, weight, None, RTOL[torch.float16])
+
+
+@pytest.mark.parametrize("lookup", nf4_gemv.GEMV_LOOKUPS)
+@pytest.mark.parametrize("n_rows,n_cols,blocksize,split", [
+    (33, 256, 64, 1), (7, 512, 128, 3), (40, 768, 256, 2), (17, 128, 64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gemv_lookups(lookup, n_rows, n_cols, blocksize, split, dtype, m):
+    """Each code lookup, at M = 1 and on the tensor-core path (the interpreter takes "prmt"'s
+    tl.load path, with the float16 rounding of the code that the register table has): against the
+    reference on the same code."""
+    packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant=split != 2)
+    if lookup == "prmt":
+        state.code = state.code.half().float()  # what the float16 byte planes hold
+    if lookup == "prmt_bf16":
+        state.code = filled_bf16_values(state.code)
+    weight = reference.dequantize_nf4(packed, state, torch.float32)
+    x = torch.randn(m, n_cols).to(dtype)
+    bias = torch.randn(n_rows).to(dtype)
+    got = nf4_matmul.matmul_nf4_gemv(x, packed, state, bias, split_k=split, lookup=lookup)
+    assert got.dtype == dtype
+    assert_matmul_close(got, x, weight.T, bias, RTOL[dtype])
+
+
+def filled_bf16_values(code: torch.Tensor) -> torch.Tensor:
+    """float32 (16,): the values the "prmt_bf16" planes hold (top half h, low half h's sign bit x 16)."""
+    top = _filled_bf16(code).to(torch.int32) << 16  # (16,)
+    return (top | torch.where(top < 0, 0xFFFF, 0)).to(torch.int32).view(torch.float32)
+
+
+def test_filled_bf16_values_are_within_bf16_rounding():
+    nonzero = NF4_CODE != 0
+    error = (filled_bf16_values(NF4_CODE) - NF4_CODE).abs()[nonzero] / NF4_CODE.abs()[nonzero]
+    assert error.max() <= 2.0 ** -8
+    assert filled_bf16_values(NF4_CODE)[~nonzero].eq(0).all()
+
+
+def test_prmt_lookup_rounds_the_code_to_float16():
+    """With the unrounded code the "prmt" lookup differs from the reference by the float16 rounding of
+    the code values only (<= 2^-12 of each |value|)."""
+    packed, state, weight = _weight(24, 512, 64)
+    x = torch.randn(1, 512)
+    got = nf4_matmul.matmul_nf4_gemv(x, packed, state, lookup="prmt")
+    assert_matmul_close(got, x, weight.T, None, 2.0 ** -12 + RTOL[torch.float32])
+
+
+def test_gemv_rejects_an_unknown_lookup():
+    packed, state, _ = _weight(40, 128, 64)
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        nf4_matmul.matmul_nf4_gemv(torch.randn(1, 128), packed, state, lookup="table")
 
 
 def test_gemv_needs_whole_blocks():

@@ -67,7 +67,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
     parser.add_argument("--no-configs", action="store_true", help="time the autotuned kernels only")
+    parser.add_argument("--rows", default="1,16", help="M values, e.g. 1 or 1,16")
+    parser.add_argument("--lookups", help="only these lookups, e.g. prmt_bf16")
+    parser.add_argument("--extra-configs", default="",
+                        help="more forced M = 1 configs to time, rows x K per chunk / warps: 4x1024/4,8x512/2")
     args = parser.parse_args()
+    extra = [triton.Config({"BLOCK_N": int(c.split("x")[0]), "BLOCK_K": int(c.split("x")[1].split("/")[0])},
+                           num_warps=int(c.split("/")[1]), num_stages=1) for c in filter(None, args.extra_configs.split(","))]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = ["| N x K | M | variant | torch us | us | speedup | GB/s | max err |", "|---|---|---|---|---|---|---|---|"]
     failures = []
@@ -76,14 +82,16 @@ def main() -> int:
         weight = kernels.prepare(packed, state)
         w_bf16 = reference.dequantize_nf4(packed, state, torch.bfloat16)  # (N, K): torch's operand
         w_f32 = reference.dequantize_nf4(packed, state, torch.float32)
-        for m in (1, 16):
+        for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             exact = exact_product(x, w_f32.T)
             moved = weight_bytes(state) + 2 * m * (n + k)
             torch_us = median_us(lambda: x @ w_bf16.T)
             variants = {}
-            lookups, configs = ((nf4_gemv.GEMV_LOOKUPS, nf4_gemv._FMA_CONFIGS) if m == 1
+            lookups, configs = ((nf4_gemv.GEMV_LOOKUPS, nf4_gemv._FMA_CONFIGS + extra) if m == 1
                                 else (("prmt", "prmt_bf16", "nibble"), nf4_gemv._DOT_CONFIGS))
+            if args.lookups:
+                lookups = tuple(v for v in lookups if v in args.lookups.split(","))
             for lookup in lookups:
                 variants[f"{lookup} auto"] = (lambda lookup=lookup: nf4_matmul.matmul_nf4_gemv(
                     x, packed, weight, lookup=lookup))

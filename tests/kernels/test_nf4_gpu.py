@@ -131,3 +131,18 @@ def test_gemv_lookups_float16_split_and_unaligned_x(lookup):
     x = torch.randn(1, 4161, device="cuda", dtype=torch.bfloat16)[:, 1:]  # 2-byte aligned: copied
     got = nf4_matmul.matmul_nf4_gemv(x, packed, state, lookup=lookup, split_k=3)
     assert_matmul_close(got, x, weight.T, None, RTOL[torch.bfloat16])
+
+
+def test_repeated_calls_after_tuning_give_the_same_results():
+    """After the first (autotuned) call per shape, kernels/launch.py launches the chosen config
+    without the autotuner: repeated calls on two weights of one shape, x aligned or not, stay right."""
+    weights = [_weight(4095, 4160, 64), _weight(4095, 4160, 64)]
+    for _ in range(3):
+        for packed, state, weight in weights:
+            for m in (1, 3):
+                for shift in (0, 1):  # shift 1: x starts 2 bytes into its storage (copied for M = 1)
+                    x = torch.randn(m, 4160 + shift, device="cuda", dtype=torch.bfloat16)[:, shift:]
+                    assert_matmul_close(kernels.matmul_nf4(x, packed, state), x, weight.T, None,
+                                        RTOL[torch.bfloat16])
+            assert torch.equal(kernels.dequantize_nf4(packed, state, torch.bfloat16),
+                               reference.dequantize_nf4(packed, state, torch.bfloat16))

@@ -76,9 +76,9 @@ GEMV_LOOKUPS = ("prmt", "prmt_bf16", "nibble", "byte")
 GEMV_LOOKUP = "prmt_bf16"  # H100, run 11: 1.4-2.0x torch at M = 1 with the best config; "prmt" within 5%,
 GEMV_DOT_LOOKUP = "prmt_bf16"  # "nibble" 0.7-0.9x, "byte" 0.8-1.0x. float16 x takes "prmt" (its exact table)
 
-_FMA_CONFIGS = [  # (rows, K per chunk, warps): those that won a shape in run 11, and two one-chunk tiles
+_FMA_CONFIGS = [  # (rows, K per chunk, warps): the winners of a 13-tile sweep on the five Llama shapes (run 14)
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
-    for n, k, w in ((16, 1024, 4), (8, 1024, 4), (16, 1024, 8), (8, 2048, 4), (8, 4096, 8), (4, 4096, 4))
+    for n, k, w in ((16, 1024, 4), (8, 1024, 4), (16, 1024, 8))
 ]
 _DOT_CONFIGS = [  # tl.dot needs 16 rows at least
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)

@@ -18,7 +18,6 @@ Note [attention masks and packing]
     SDPA runs with `is_causal=True` (its fastest path).
 """
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from models.jsonfile import read_json_object
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "rope_inverse_frequencies"]
 
@@ -100,12 +101,7 @@ class LlamaConfig:
             source = str(path)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such config file")
-            try:
-                config = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{path}: expected a JSON object")
+            config = read_json_object(path)
         model_type = config.get("model_type")
         architectures = config.get("architectures") or []
         if model_type != "llama" and "LlamaForCausalLM" not in architectures:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from models.gguf import DEQUANTIZABLE, GGUFFile
+from models.jsonfile import read_json_object
 from models.llama import Llama, LlamaConfig
 
 __all__ = ["load_pretrained", "config_from_gguf", "GGUF_TO_HF"]
@@ -48,7 +49,7 @@ def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: missing; an HF-format model folder needs config.json")
-        hf_config = json.loads(config_path.read_text())
+        hf_config = read_json_object(config_path)
         cfg = LlamaConfig.from_hf_config(config_path)
         if _bnb_quantization(hf_config, config_path):
             quantize = None  # stored 4-bit layers load as they are; the checkpoint's other layers stay in dtype

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from models.chat import ChatFormat, detect_chat_format
+from models.jsonfile import read_json_object
 
 __all__ = ["Tokenizer"]
 
@@ -267,16 +268,6 @@ def _token_string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def _from_files(path: Path) -> Tokenizer:
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -288,7 +279,7 @@ def _from_files(path: Path) -> Tokenizer:
         model_file = json_file = path
         use_sentencepiece = path.suffix == ".model"
     config_path = folder / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -323,7 +314,7 @@ def _from_files(path: Path) -> Tokenizer:
     extra_stops = set()
     for name in ("generation_config.json", "config.json"):
         if (folder / name).is_file():
-            eos_ids = _read_json(folder / name).get("eos_token_id")
+            eos_ids = read_json_object(folder / name).get("eos_token_id")
             extra_stops |= set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if isinstance(eos_ids, int) else [])
     chat_format = detect_chat_format(template, backend.specials, sentencepiece=use_sentencepiece)
     return Tokenizer(backend, backend.specials, bos=bos, eos=eos, pad=pad, add_bos=add_bos,
@@ -332,7 +323,7 @@ def _from_files(path: Path) -> Tokenizer:
 
 def _post_processor_adds_bos(json_file: Path) -> bool:
     """Whether tokenizer.json's post-processor puts a special token before the text (Llama 3 does)."""
-    processor = _read_json(json_file).get("post_processor") or {}
+    processor = read_json_object(json_file).get("post_processor") or {}
     processors = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
     for p in processors:
         if p.get("type") == "TemplateProcessing" and p.get("single"):

@@ -43,6 +43,15 @@ def _backward(params, data):
     return loss.detach()
 
 
+def _train_in_lockstep(runs, data, steps):
+    """`steps` optimizer steps of each (optimizer, its parameters) in `runs`, on the same problem."""
+    for _ in range(steps):
+        for opt, ps in runs:
+            opt.zero_grad()
+            _backward(ps, data)
+            opt.step()
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_matches_torch_adamw_for_100_steps_with_param_groups(paged):
     ours_params = _params()
@@ -93,11 +102,7 @@ def test_paged_equals_unpaged_bit_for_bit(bits):
     paged = AdamW(_groups(twins), lr=1e-2, state_bits=bits, paged=True, page_budget_bytes=TINY_BUDGET)
     store = next(iter(paged._stores.values()))
     assert sum(len(s.pages) for s in paged._segments) > 2 * len(store.slots or [0] * 4)
-    for _ in range(12):
-        for opt, ps in ((unpaged, params), (paged, twins)):
-            opt.zero_grad()
-            _backward(ps, data)
-            opt.step()
+    _train_in_lockstep([(unpaged, params), (paged, twins)], data, steps=12)
     for p, q in zip(params, twins):
         assert torch.equal(p, q)
     a, b = unpaged.state_dict()["state"], paged.state_dict()["state"]
@@ -418,11 +423,7 @@ def test_pages_that_fit_the_budget_stay_resident_and_the_rest_stream(bits):
     total = sum(p.numel() for p in params) * 8  # at most 8 bytes of state per element
     budget = TINY_BUDGET + total // 2  # the slots, and room for about half of the state
     paged = AdamW(_groups(twins), lr=1e-2, state_bits=bits, paged=True, page_budget_bytes=budget)
-    for _ in range(6):
-        for opt, ps in ((unpaged, params), (paged, twins)):
-            opt.zero_grad()
-            _backward(ps, data)
-            opt.step()
+    _train_in_lockstep([(unpaged, params), (paged, twins)], data, steps=6)
     for p, q in zip(params, twins):
         assert torch.equal(p, q)
     store = next(iter(paged._stores.values()))

@@ -74,3 +74,13 @@ def test_nf4_load_on_cuda_equals_cpu(tmp_path):
     with torch.no_grad():
         got, expected = on_gpu(ids.cuda()).float().cpu(), on_cpu(ids).float()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_rms_norm_of_bfloat16_on_cuda_is_the_float32_formula_rounded_once():
+    from models.llama import RMSNorm
+    norm = RMSNorm(4096).to("cuda", torch.bfloat16)
+    x = (torch.randn(64, 4096, device="cuda") * 5).to(torch.bfloat16)
+    x64 = x.double()
+    normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    # float32 reductions in another order may round a value the other way: at most one bf16 ulp
+    assert ((norm(x).float() - normed.float()).abs() <= normed.float().abs() * 2 ** -7).all()

@@ -284,3 +284,13 @@ def test_bad_forward_inputs():
     model(ids, kv_cache=cache)
     with pytest.raises(ValueError, match="document_ids.*kv_cache"):
         model(ids, kv_cache=cache, document_ids=torch.zeros(2, 5))
+
+
+def test_rms_norm_of_bfloat16_is_the_float32_formula_rounded_once():
+    from models.llama import RMSNorm
+    norm = RMSNorm(256, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x = (torch.randn(5, 7, 256) * torch.logspace(-2, 2, 7)[:, None]).to(torch.bfloat16)  # rows of all scales
+    x64 = x.double()
+    normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    torch.testing.assert_close(norm(x), norm.weight * normed, rtol=0, atol=0)

@@ -1,9 +1,10 @@
-"""Triton kernels for NF4: dequantization and fused dequant-matmul.
+"""Triton kernels: NF4 dequantization and fused dequant-matmul, rotary embeddings.
 
     kernels.dequantize_nf4(packed, state, dtype=torch.bfloat16) -> W (N, K)
     kernels.matmul_nf4(x, packed, state, bias=None)             -> x @ W.T (+ bias)   (..., K) -> (..., N)
     kernels.matmul_nf4_t(g, packed, state)                      -> g @ W              (..., N) -> (..., K)
-    kernels.reference.*                                          the same three in plain PyTorch
+    kernels.apply_rotary(x, cos, sin)                           x * cos + rotate_half(x) * sin, fused
+    kernels.reference.*                                          the same in plain PyTorch
 
 `state` is any object with `absmax, nested_absmax (None without double quant), nested_code, offset,
 code, blocksize, shape` (quant.QuantState). The kernels run on CUDA tensors (or CPU tensors under
@@ -17,7 +18,7 @@ import torch
 
 from kernels import reference
 
-__all__ = ["available", "prepare", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "reference"]
+__all__ = ["available", "prepare", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "apply_rotary", "reference"]
 
 
 def available() -> bool:
@@ -55,3 +56,9 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """g @ W, the input gradient of x @ W.T."""
     from kernels.nf4_matmul import matmul_nf4_t as run
     return run(g, packed, state)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by cos, sin (B or 1, T, D) in one pass, differentiable (kernels/rotary.py)."""
+    from kernels.rotary import apply_rotary as run
+    return run(x, cos, sin)

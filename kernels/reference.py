@@ -1,4 +1,6 @@
-"""Plain-PyTorch reference of the NF4 kernels: the same math, element by element, on any device.
+"""Plain-PyTorch reference of the kernels: the same math, element by element, on any device.
+
+NF4 (kernels/nf4_dequant.py, nf4_matmul.py, nf4_gemv.py):
 
 The weight W is (N, K) = (out_features, in_features), flattened row-major; element e = n*K + k.
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "matmul_nf4",
-           "matmul_nf4_t"]
+           "matmul_nf4_t", "apply_rotary"]
 
 NESTED_BLOCKSIZE = 256  # first-level blocks per second-level (double-quant) block
 
@@ -61,3 +63,19 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
 def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """g @ W: (..., N) -> (..., K), the input gradient of x @ W.T."""
     return g @ dequantize_nf4(packed, state, g.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """kernels/rotary.py: x (B, H, T, D) rotated by cos, sin (B or 1, T, D) in float32 (float64 stays
+    float64), rounded once to x's dtype. backward=True applies the transposed rotation (the
+    gradient with respect to x)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x.to(work)[..., :half], x.to(work)[..., half:]
+    c, s = cos.to(work)[:, None], sin.to(work)[:, None]  # (B|1, 1, T, D)
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    if backward:
+        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+    else:
+        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+    return y.to(x.dtype)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import kernels
 from models.jsonfile import read_json_object
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "rope_inverse_frequencies"]
@@ -228,8 +229,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Inputs of at least this many elements take the fused kernel on CUDA; smaller ones (decoding one
+# token) keep the five PyTorch kernels, whose launches cost the host less than one Triton launch.
+FUSED_ROTARY_MIN = 1 << 16
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin. x (B, H, T, D); cos, sin (B, T, D) in x's dtype."""
+    """x * cos + rotate_half(x) * sin. x (B, H, T, D); cos, sin (B, T, D) in x's dtype.
+
+    On CUDA, kernels.apply_rotary computes it in one pass, in float32 rounded once (see
+    kernels/rotary.py), instead of five kernels that each round to x's dtype."""
+    if x.is_cuda and x.numel() >= FUSED_ROTARY_MIN and kernels.available():
+        return kernels.apply_rotary(x, cos, sin)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 

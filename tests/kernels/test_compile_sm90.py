@@ -25,7 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_matmul
+    from kernels import nf4_dequant, nf4_gemv, nf4_matmul, rotary
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -88,6 +88,12 @@ def _compile_all() -> list[dict]:
     run("x @ W.T large-M float32 (ieee dot)", nf4_matmul._matmul_kernel,
         dict(x_ptr=torch.float32, **weight, bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
         dict(fmt, WHOLE_BLOCKS=True, HAS_BIAS=False, SPLIT=1, DOT_PRECISION="ieee"), nf4_matmul._LARGE_M_CONFIGS[0])
+    for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
+        run(f"rotary backward={backward}", rotary._rotary_kernel,
+            dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,
+                 n_rows=65536, H=32, T=2048, stride_xb=8388608, stride_xh=128, stride_xt=4096, stride_ob=8388608,
+                 stride_oh=128, stride_ot=4096, stride_cb=262144, stride_ct=128),
+            dict(HALF=64, BLOCK_HALF=64, ROWS=32, BACKWARD=backward), triton.Config({}, num_warps=4))
     return results
 
 
@@ -112,7 +118,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 33
+    assert len(results) == 35
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -84,3 +84,19 @@ def test_rms_norm_of_bfloat16_on_cuda_is_the_float32_formula_rounded_once():
     normed = (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     # float32 reductions in another order may round a value the other way: at most one bf16 ulp
     assert ((norm(x).float() - normed.float()).abs() <= normed.float().abs() * 2 ** -7).all()
+
+
+def test_fused_rotary_gives_the_unfused_attention_and_gradients(monkeypatch):
+    import models.llama as llama
+    model = Llama(small_config(hidden_size=512, num_attention_heads=8, num_key_value_heads=2)).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 100), device="cuda")
+    results = []
+    for threshold in (0, 1 << 62):  # every call fused, then none
+        monkeypatch.setattr(llama, "FUSED_ROTARY_MIN", threshold)
+        model.zero_grad()
+        logits = model(ids).float()
+        logits.square().mean().backward()
+        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()))
+    (fused, fused_grad), (plain, plain_grad) = results
+    assert (fused - plain).abs().max() < 0.02 * plain.abs().max()
+    assert (fused_grad - plain_grad).abs().max() < 0.05 * plain_grad.abs().max()

@@ -6,8 +6,9 @@
 Each run is its own process (clean memory peak): random-weight Llama shapes, NF4 + double quant,
 LoRA r=16 alpha=32 on all seven linear kinds, gradient checkpointing, seq 2048, random tokens,
 bf16 autocast, clipping at 1.0, paged AdamW (32-bit states). Ours goes through the trainer's own
-`lora.train.training_step`, with CUDA graphs as the trainer uses them (--eager adds a run
-without). Tokens/s = batch * seq / median step time; peak = `torch.cuda.max_memory_allocated`
+`lora.train.training_step`, with CUDA graphs, the embeddings and head in host memory and the
+checkpointed activations offloaded, as the trainer's defaults are (--eager adds a run without
+graphs, --resident one with everything on the GPU). Tokens/s = batch * seq / median step time; peak = `torch.cuda.max_memory_allocated`
 over warm-up (graph capture included: a replay allocates nothing) and timed steps; reserved =
 `max_memory_reserved` over the same span (what the caching allocator held).
 The peer runs benchmarks/train_peer.py; bitsandbytes must be importable (carry its wheel).
@@ -50,6 +51,10 @@ def ours(args: dict) -> dict:
     torch.cuda.empty_cache()
     lora.wrap(model, r=16, alpha=32)
     model.gradient_checkpointing = True
+    if args.get("host", True):  # as the trainer does by default (models/offload.py)
+        models.keep_embeddings_on_host(model)
+        model.model.checkpoint_offload = models.CheckpointOffload()
+        torch.cuda.empty_cache()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = lora.optim.AdamW(params, lr=2e-4, paged=args.get("paged", True))
     B, T = args["batch"], args["seq"]
@@ -78,6 +83,7 @@ def ours(args: dict) -> dict:
     median = times[len(times) // 2]
     paged = "paged" if args.get("paged", True) else "unpaged"
     mode = "CUDA graphs" if graphs is not None and graphs.replays else "eager"
+    mode += "" if args.get("host", True) else ", all on the GPU"
     chunk = f", loss chunk {lora.loss.CHUNK}" if args.get("loss_chunk") else ""
     return {"impl": f"ours ({paged} AdamW, {mode}{chunk})", "step_s": median, "tokens_per_s": B * T / median,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -114,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-recipes", default="bf16", help="comma-separated: bf16, tutorial; empty for none")
     parser.add_argument("--unpaged", action="store_true", help="also run ours with the unpaged optimizer")
     parser.add_argument("--eager", action="store_true", help="also run ours without CUDA graphs")
+    parser.add_argument("--resident", action="store_true",
+                        help="also run ours with the embeddings, head and checkpoints on the GPU")
     parser.add_argument("--loss-chunks", default="", help="comma-separated: also run ours with these loss chunks")
     args = parser.parse_args(argv)
     if args.worker:
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
             runs.append(("ours", base | {"paged": False}))
         if args.eager:
             runs.append(("ours", base | {"graphs": False}))
+        if args.resident:
+            runs.append(("ours", base | {"host": False}))
         for chunk in filter(None, args.loss_chunks.split(",")):
             runs.append(("ours", base | {"loss_chunk": int(chunk)}))
         hf_config = models.LlamaConfig.preset(shape).to_hf_config()

@@ -47,6 +47,8 @@ class Config:
     paged: bool = True  # optimizer state in pinned CPU memory (CUDA only; no effect on CPU)
     gradient_checkpointing: bool = True
     cuda_graphs: bool = True  # replay each micro-batch's forward + backward as a CUDA graph (GPU only)
+    host_embeddings: bool = True  # frozen embeddings and head in host memory, the head streamed (GPU only)
+    offload_checkpoints: bool = True  # checkpointed layer inputs in host memory (GPU, with checkpointing)
     # evaluation, samples, checkpoints
     eval_every: int = 50  # steps; 0: only before and after training
     save_every: int = 100  # steps; 0: only at the end

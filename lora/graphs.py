@@ -10,7 +10,9 @@ time for ~286 ms of GPU work (benchmarks/RESULTS.md).
 
 Note [what a replay assumes]
     A graph replays the kernels it recorded, on the memory it recorded. So:
-    - the batch goes through static device tensors, copied in before each replay;
+    - the batch goes through static device tensors, copied in before each replay; its embeddings
+      are looked up eagerly and copied in too (lora.loss.embed: a table in host memory,
+      models/offload.py, cannot be read inside a graph), so the embeddings must be frozen;
     - the loss scale (1 / trained tokens of the step) is a device scalar, not a Python number;
     - gradients accumulate in place into the optimizer's flat gradient buffers (lora.optim Note
       [flat buffers]); AdamW.attach_grads() points every `.grad` back at them before each replay,
@@ -31,7 +33,7 @@ Note [what a replay assumes]
 import torch
 
 from .data import Batch
-from .loss import is_packed, loss_sum
+from .loss import embed, is_packed, loss_sum
 
 __all__ = ["StepGraphs", "PAD_MULTIPLE"]
 
@@ -41,9 +43,11 @@ PAD_MULTIPLE = 64  # the trainer pads T up to this with graphs on (Note [what a 
 class _Captured:
     """One captured forward + backward and the static tensors it reads and writes."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Batch, scale: torch.Tensor, loss: torch.Tensor):
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Batch, embeds: torch.Tensor, scale: torch.Tensor,
+                 loss: torch.Tensor):
         self.graph = graph
         self.inputs = inputs  # static device tensors, each (B, T)
+        self.embeds = embeds  # (B, T, D) static device tensor
         self.scale = scale  # () float32
         self.loss = loss  # () float32: scale * loss_sum, written by every replay
 
@@ -67,6 +71,8 @@ class StepGraphs:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not params or params[0].device.type != "cuda":
             raise ValueError("StepGraphs needs the optimizer's parameters on a CUDA device")
+        if model.model.embed_tokens.weight.requires_grad:
+            raise ValueError("StepGraphs needs frozen embeddings: they are looked up outside the graphs")
         self.model, self.optimizer, self.dtype = model, optimizer, dtype
         self.device = params[0].device
         self.max_graphs, self.log = max_graphs, log
@@ -103,6 +109,7 @@ class StepGraphs:
         self.optimizer.attach_grads()
         for static, value in zip(_fields(captured.inputs), _fields(batch)):
             static.copy_(value, non_blocking=True)
+        captured.embeds.copy_(embed(self.model, batch.input_ids))
         captured.scale.fill_(scale)
         captured.graph.replay()
         self.replays += 1
@@ -110,6 +117,7 @@ class StepGraphs:
 
     def _capture(self, key: tuple, batch: Batch, packed: bool) -> _Captured | None:
         inputs = Batch(*(t.to(self.device, copy=True) for t in _fields(batch)))  # outside the pool
+        embeds = embed(self.model, batch.input_ids).to(self.device, copy=True)  # (B, T, D)
         scale = torch.zeros((), dtype=torch.float32, device=self.device)
         self.optimizer.attach_grads()
         torch.cuda.synchronize(self.device)
@@ -118,7 +126,7 @@ class StepGraphs:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = loss_sum(self.model, inputs, self.device, self._autocast(cache=False), packed,
-                                select_trained=False) * scale
+                                select_trained=False, inputs_embeds=embeds) * scale
                 loss.backward()
         except Exception as error:  # an op that cannot be captured: train on without graphs
             self.enabled = False
@@ -127,7 +135,7 @@ class StepGraphs:
             return None
         self._pool = self._pool or graph.pool()
         self.captures += 1
-        captured = self._graphs[key] = _Captured(graph, inputs, scale, loss.detach())
+        captured = self._graphs[key] = _Captured(graph, inputs, embeds, scale, loss.detach())
         return captured
 
 

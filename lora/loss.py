@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
 
-__all__ = ["causal_lm_loss_sum", "reference_loss_sum", "loss_sum", "is_packed", "CHUNK", "SLICE_ROWS",
+__all__ = ["causal_lm_loss_sum", "reference_loss_sum", "loss_sum", "is_packed", "embed", "CHUNK", "SLICE_ROWS",
            "TILE"]
 
 # Positions per chunk of the head and loss (a module setting; benchmarks/train.py --loss-chunks).
@@ -170,15 +170,27 @@ def is_packed(batch) -> bool:
     return bool((batch.document_ids != 0).any())
 
 
+def embed(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The (B, T, D) input embeddings of a models.Llama-like `model`, looked up where the table is:
+    on the host for an embedding kept in host memory (models/offload.py), so its ids never have to
+    come back from the GPU."""
+    table = model.model.embed_tokens
+    return table(input_ids.to(table.weight.device))
+
+
 def loss_sum(model, batch, device: torch.device, autocast, packed: bool | None = None,
-             select_trained: bool = True) -> torch.Tensor:
+             select_trained: bool = True, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token loss of one lora.data.Batch through a models.Llama-like `model` (its
     `.model` decoder stack and `.lm_head`), under the context manager `autocast`. `packed` is
-    is_packed(batch) unless given (computing it reads the ids on the host)."""
+    is_packed(batch) unless given (computing it reads the ids on the host). `inputs_embeds`
+    (B, T, D), when given, are the batch's embeddings (lora/graphs.py looks them up outside its
+    graphs)."""
     if packed is None:
         packed = is_packed(batch)
+    if inputs_embeds is None:
+        inputs_embeds = embed(model, batch.input_ids)
     batch = batch.to(device)
     with autocast:
-        hidden = model.model(batch.input_ids, position_ids=batch.position_ids,
+        hidden = model.model(inputs_embeds=inputs_embeds, position_ids=batch.position_ids,
                              document_ids=batch.document_ids if packed else None)  # (B, T, D)
         return causal_lm_loss_sum(hidden, model.lm_head, batch.labels, select_trained=select_trained)

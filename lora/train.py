@@ -2,8 +2,9 @@
 
     python -m lora.train run.toml [--field value ...]        or     lora.train.run(Config(...))
 
-config -> models.Llama.from_pretrained(quantize="nf4") -> lora.wrap -> lora.data (template, masks,
-packing) -> steps: bf16 autocast on GPU (fp32 on CPU), CUDA graphs of each micro-batch's forward
+config -> models.Llama.from_pretrained(quantize="nf4") -> lora.wrap -> on GPU, the frozen
+embeddings and head and the checkpointed activations in host memory (models/offload.py) ->
+lora.data (template, masks, packing) -> steps: bf16 autocast on GPU (fp32 on CPU), CUDA graphs of each micro-batch's forward
 and backward (lora/graphs.py), gradient checkpointing, accumulation,
 warmup + cosine schedule, clipping, lora.optim.AdamW (paged on GPU) -> periodic eval loss and
 sample answers -> atomic checkpoints that resume exactly -> the adapter in the PEFT layout, and
@@ -133,6 +134,12 @@ class Trainer:
         lora.wrap(self.model, r=config.r, alpha=config.alpha, dropout=config.dropout, targets=targets,
                   use_rslora=config.use_rslora, use_dora=config.use_dora)
         self.model.gradient_checkpointing = config.gradient_checkpointing
+        if self.device.type == "cuda":  # models/offload.py: what the GPU does not need all the time
+            if config.host_embeddings:
+                models.keep_embeddings_on_host(self.model)
+            if config.offload_checkpoints and config.gradient_checkpointing:
+                self.model.model.checkpoint_offload = models.CheckpointOffload()
+            torch.cuda.empty_cache()
         self.log(str(lora.trainable_parameters(self.model)))
 
         self.stats = DataStats()

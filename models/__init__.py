@@ -11,13 +11,17 @@
     text = models.generate(model, tok, messages_or_prompt, max_new_tokens=128, temperature=0.0)
     models.save_pretrained(model, folder)                # HF folder (bitsandbytes layout if quantized)
     path = models.fetch_smollm2()                        # the real test model, SmolLM2-135M-Instruct
+    models.keep_embeddings_on_host(model)                # frozen embeddings and head in host memory
+    model.model.checkpoint_offload = models.CheckpointOffload()  # checkpointed inputs in host memory
 """
 from models.chat import ChatFormat
 from models.fetch import FetchError, fetch_smollm2
 from models.generate import generate, generate_ids
 from models.llama import KVCache, Llama, LlamaConfig
+from models.offload import CheckpointOffload, HostEmbedding, HostHead, keep_embeddings_on_host
 from models.save import save_pretrained, save_safetensors_folder
 from models.tokenizer import Tokenizer
 
 __all__ = ["Llama", "LlamaConfig", "KVCache", "Tokenizer", "ChatFormat", "generate", "generate_ids",
-           "fetch_smollm2", "FetchError", "save_pretrained", "save_safetensors_folder"]
+           "fetch_smollm2", "FetchError", "save_pretrained", "save_safetensors_folder", "keep_embeddings_on_host",
+           "HostEmbedding", "HostHead", "CheckpointOffload"]

@@ -40,7 +40,7 @@ def generate_ids(model, prompt_ids, max_new_tokens: int = 128, temperature: floa
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
         raise ValueError("generate needs a non-empty prompt")
-    device = model.model.embed_tokens.weight.device
+    device = model.model.norm.weight.device  # the layers' (the embeddings may be in host memory)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

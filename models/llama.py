@@ -17,6 +17,7 @@ Note [attention masks and packing]
     are meaningless but finite). Without padding or packing the mask is not built at all and
     SDPA runs with `is_causal=True` (its fastest path).
 """
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -384,6 +385,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.checkpoint_offload = None  # a models.offload.CheckpointOffload, used with gradient_checkpointing
         self._inv_freq: torch.Tensor | None = None  # rope frequencies, computed once per device
 
     def rope_frequencies(self, device: torch.device) -> torch.Tensor:
@@ -394,21 +396,38 @@ class LlamaModel(nn.Module):
             self._inv_freq = rope_inverse_frequencies(self.config, device)
         return self._inv_freq
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None):
-        """(B, T) token ids -> (B, T, hidden) final hidden states. See Llama.forward."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None,
+                inputs_embeds=None):
+        """(B, T) token ids, or their (B, T, hidden) embeddings, -> (B, T, hidden) final hidden states.
+
+        The layers run on the device of the embeddings (a HostEmbedding's output device when the
+        table is in host memory, models/offload.py); masks and positions are moved there. With
+        gradient checkpointing on and `checkpoint_offload` set (a models.offload.CheckpointOffload),
+        the checkpointed layer inputs wait in host memory. See Llama.forward."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, hidden)")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, hidden)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (B, T, hidden={self.config.hidden_size}), "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        x = inputs_embeds
+        B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
-        device = input_ids.device
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)} of 0/1, "
-                             f"got shape {tuple(attention_mask.shape)}")
+        device = x.device
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)} of 0/1, "
+                                 f"got shape {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.to(device)
         if document_ids is not None:
             if tuple(document_ids.shape) != (B, T):
                 raise ValueError(f"document_ids must be (B, T) = {(B, T)}, got shape {tuple(document_ids.shape)}")
             if past:
                 raise ValueError("document_ids (packing) cannot be combined with a non-empty kv_cache")
+            document_ids = document_ids.to(device)
         if position_ids is None:
             if document_ids is not None:
                 position_ids = positions_in_documents(document_ids)
@@ -416,18 +435,23 @@ class LlamaModel(nn.Module):
                 position_ids = torch.arange(past, past + T, device=device).expand(B, T)
         elif tuple(position_ids.shape) not in ((B, T), (1, T)):
             raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got shape {tuple(position_ids.shape)}")
+        position_ids = position_ids.to(device)
         mask = build_attention_mask(T, past, attention_mask, document_ids, device)
 
-        x = self.embed_tokens(input_ids)  # (B, T, hidden)
         inv_freq = self.rope_frequencies(device)  # (D/2,)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if checkpointing:
-                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
-            else:
+        if checkpointing:
+            offload = self.checkpoint_offload
+            with offload.hooks() if offload is not None else contextlib.nullcontext():
+                for layer in self.layers:
+                    x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            if offload is not None:
+                offload.finish_forward()
+        else:
+            for layer in self.layers:
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
@@ -464,19 +488,26 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None):
-        """Logits (B, T, vocab) for input_ids (B, T).
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None,
+                inputs_embeds=None):
+        """Logits (B, T, vocab) for input_ids (B, T) (or their embeddings, inputs_embeds (B, T, hidden)).
 
         attention_mask: (B, cached + T) 0/1 padding mask; position_ids: (B, T); kv_cache: a KVCache
         that this call reads and extends; document_ids: (B, T) ints for packed rows. See
         Note [attention masks and packing].
         """
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, kv_cache, document_ids))
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, kv_cache, document_ids,
+                                       inputs_embeds))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layers compute (the embeddings and head may be in host memory: models/offload.py)."""
+        return self.model.norm.weight.device
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KVCache in the dtype and on the device of the embeddings."""
-        weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+        """An empty KVCache in the dtype of the embeddings, on the device of the layers."""
+        return KVCache(self.config, batch_size, max_len, dtype=self.model.embed_tokens.weight.dtype,
+                       device=self.device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", quantize=None) -> "Llama":

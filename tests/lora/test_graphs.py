@@ -17,6 +17,7 @@ def test_graphs_refuse_a_torch_optimizer_and_cpu_parameters():
         StepGraphs(model, lora.optim.AdamW(model.parameters()))
 
 
-def test_the_config_switch():
-    assert Config().cuda_graphs
-    assert not apply_overrides(Config(), {"cuda_graphs": False}).cuda_graphs
+def test_the_config_switches():
+    assert Config().cuda_graphs and Config().host_embeddings and Config().offload_checkpoints
+    for name in ("cuda_graphs", "host_embeddings", "offload_checkpoints"):
+        assert not getattr(apply_overrides(Config(), {name: False}), name)

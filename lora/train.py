@@ -126,7 +126,9 @@ class Trainer:
         path = resolve_model_path(config.model)
         quantize = None if config.quantize == "none" else config.quantize
         t0 = time.time()
-        self.model = models.Llama.from_pretrained(path, dtype=self.dtype, device=self.device, quantize=quantize)
+        host = config.host_embeddings and self.device.type == "cuda"  # models/offload.py
+        self.model = models.Llama.from_pretrained(path, dtype=self.dtype, device=self.device, quantize=quantize,
+                                                  host_embeddings=host)
         self.model.name_or_path = str(config.model)
         self.tok = models.Tokenizer.from_pretrained(path)
         self.log(f"loaded {path} ({quantize or self.dtype}) in {time.time() - t0:.1f}s")
@@ -134,12 +136,8 @@ class Trainer:
         lora.wrap(self.model, r=config.r, alpha=config.alpha, dropout=config.dropout, targets=targets,
                   use_rslora=config.use_rslora, use_dora=config.use_dora)
         self.model.gradient_checkpointing = config.gradient_checkpointing
-        if self.device.type == "cuda":  # models/offload.py: what the GPU does not need all the time
-            if config.host_embeddings:
-                models.keep_embeddings_on_host(self.model)
-            if config.offload_checkpoints and config.gradient_checkpointing:
-                self.model.model.checkpoint_offload = models.CheckpointOffload()
-            torch.cuda.empty_cache()
+        if self.device.type == "cuda" and config.offload_checkpoints and config.gradient_checkpointing:
+            self.model.model.checkpoint_offload = models.CheckpointOffload()  # models/offload.py
         self.log(str(lora.trainable_parameters(self.model)))
 
         self.stats = DataStats()

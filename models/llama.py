@@ -510,14 +510,17 @@ class Llama(nn.Module):
                        device=self.device)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", quantize=None) -> "Llama":
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", quantize=None,
+                        host_embeddings: bool = False) -> "Llama":
         """Load an HF-format folder, a .gguf file or a pre-quantized bitsandbytes-4bit folder.
 
         quantize=None keeps the weights in `dtype`; "nf4" quantizes every linear layer but lm_head
-        as it is read (quant.Linear4bit), so peak memory stays near the 4-bit model. See models.load.
+        as it is read (quant.Linear4bit), so peak memory stays near the 4-bit model. host_embeddings
+        reads the embeddings and head into host memory, frozen, never onto `device`
+        (models.keep_embeddings_on_host). See models.load.
         """
         from models.load import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize, host_embeddings=host_embeddings)
 
 
 def _init_weights(module: nn.Module, std: float = 0.02):

@@ -9,6 +9,8 @@ Note [streaming load]
     the moment its weight arrives, so at any time memory holds the finished part of the model
     plus one full-precision weight. A layer stored in bitsandbytes' 4-bit layout (a `*-bnb-4bit`
     folder) becomes a `quant.Linear4bit` straight from the stored tensors, never re-quantized.
+    With host_embeddings the embeddings and head are read into host memory and stay there
+    (models/offload.py), so the device never holds them, even while loading.
     Before anything is read, the source's keys are checked against the model: a parameter with
     no tensor, or a tensor with no place, is an error naming the file and the key.
 """
@@ -22,6 +24,7 @@ from torch import nn
 from models.gguf import DEQUANTIZABLE, GGUFFile
 from models.jsonfile import read_json_object
 from models.llama import Llama, LlamaConfig
+from models.offload import keep_embeddings_on_host
 
 __all__ = ["load_pretrained", "config_from_gguf", "GGUF_TO_HF"]
 
@@ -30,7 +33,7 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _BNB_QUANT_STATE = "weight.quant_state.bitsandbytes__"  # + "nf4" or "fp4", after "P."
 
 
-def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> Llama:
+def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None, host_embeddings: bool = False) -> Llama:
     """See Llama.from_pretrained and Note [streaming load]."""
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
@@ -44,7 +47,7 @@ def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
             raise ValueError(f"{path}: not a GGUF file; pass a .gguf file or an HF-format folder")
         with GGUFFile(path) as gguf:
             source = GGUFSource(gguf)
-            return _fill(source, source.config, dtype, device, quantize)
+            return _fill(source, source.config, dtype, device, quantize, host_embeddings)
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
@@ -54,7 +57,7 @@ def load_pretrained(path, dtype=torch.bfloat16, device="cpu", quantize=None) -> 
         if _bnb_quantization(hf_config, config_path):
             quantize = None  # stored 4-bit layers load as they are; the checkpoint's other layers stay in dtype
         with SafetensorsSource(path) as source:
-            return _fill(source, cfg, dtype, device, quantize)
+            return _fill(source, cfg, dtype, device, quantize, host_embeddings)
     raise FileNotFoundError(f"{path}: no such file or folder")
 
 
@@ -75,8 +78,9 @@ def _bnb_quantization(hf_config: dict, config_path: Path) -> bool:
 # Filling the meta model
 
 
-def _fill(source, cfg: LlamaConfig, dtype, device, quantize) -> Llama:
+def _fill(source, cfg: LlamaConfig, dtype, device, quantize, host_embeddings=False) -> Llama:
     """Build `cfg` on meta and fill it from `source`. See Note [streaming load]."""
+    on_host = ("model.embed_tokens", "lm_head") if host_embeddings else ()
     with torch.device("meta"):
         model = Llama(cfg)
     _check_keys(source, model)
@@ -90,11 +94,15 @@ def _fill(source, cfg: LlamaConfig, dtype, device, quantize) -> Llama:
         elif isinstance(module, nn.Linear) and quantize == "nf4" and module_name != "lm_head":
             new = _quantize_linear(source, module, prefix, dtype, device)
         else:
-            _fill_parameters(source, module, prefix, dtype, device)
+            _fill_parameters(source, module, prefix, dtype, "cpu" if module_name in on_host else device)
             continue
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     model.tie_weights()
+    if host_embeddings:
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(False)
+        keep_embeddings_on_host(model)
     return model
 
 

@@ -159,20 +159,21 @@ class HostHead(_HostModule):
 
 def keep_embeddings_on_host(model: nn.Module) -> nn.Module:
     """Move a models.Llama's frozen embeddings and head to host memory, in place (Note [what lives
-    where]); a tied head shares the embedding's host tensor. Computation stays on the device
-    where the model's layers are. Returns the model."""
+    where]); a tied head shares the embedding's host tensor. A head that is not a bias-free
+    nn.Linear (one stored in 4 bits) stays where it is. Computation stays on the device where the
+    model's layers are. Returns the model."""
     embed, head = model.model.embed_tokens, model.lm_head
     if isinstance(embed, HostEmbedding):
         return model
-    if embed.weight.requires_grad or head.weight.requires_grad:
+    streamable = isinstance(head, nn.Linear) and head.bias is None
+    if embed.weight.requires_grad or (streamable and head.weight.requires_grad):
         raise ValueError("keep_embeddings_on_host: the embeddings and the head must be frozen "
                          "(requires_grad=False); lora.wrap freezes them")
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"keep_embeddings_on_host: lm_head must be a bias-free nn.Linear, got {head}")
     device = model.model.norm.weight.device
     table = host_parameter(embed.weight)
     model.model.embed_tokens = HostEmbedding(table, device)
-    model.lm_head = HostHead(table if head.weight is embed.weight else host_parameter(head.weight), device)
+    if streamable:
+        model.lm_head = HostHead(table if head.weight is embed.weight else host_parameter(head.weight), device)
     return model
 
 

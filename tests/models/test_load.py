@@ -57,6 +57,18 @@ def test_hf_folder_loads_the_same_model(tmp_path, shards, tied):
     same_logits(loaded, model)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_and_head_can_load_straight_into_host_memory(tmp_path, tied):
+    model = Llama(tiny_config(tie_word_embeddings=tied))
+    write_folder(tmp_path / "m", model)
+    loaded = models.Llama.from_pretrained(tmp_path / "m", dtype=torch.float32, quantize="nf4", host_embeddings=True)
+    assert isinstance(loaded.model.embed_tokens, models.HostEmbedding)
+    assert isinstance(loaded.lm_head, models.HostHead)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    assert not loaded.model.embed_tokens.weight.requires_grad
+    same_logits(loaded, models.Llama.from_pretrained(tmp_path / "m", dtype=torch.float32, quantize="nf4"))
+
+
 def test_loaded_weights_do_not_map_the_file(tmp_path):
     """safetensors' CPU tensors view the memory-mapped file; ours are copies, so rewriting the
     checkpoint in place (here: truncating it) leaves a loaded model intact."""

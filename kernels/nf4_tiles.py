@@ -159,15 +159,39 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
     else:
         absmax = absmax.reshape(-1).float().contiguous()
         nested_absmax, nested_code, offset = absmax, code, 0.0
+    byte_code, code_planes = _code_tables(code)
+    return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
+                     blocksize=blocksize, double_quant=double_quant, byte_code=byte_code,
+                     code_planes=code_planes)
+
+
+# Tables derived from a code tensor, by (device, address, version): (code, byte_code, code_planes).
+# The entry holds the code tensor itself, so no other tensor can take its address while cached.
+_CODE_TABLES: dict[tuple, tuple] = {}
+_CODE_TABLES_MAX = 16
+
+
+def _code_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (256, 2) byte -> two values table and the (16, 32) int32 prmt planes of a (16,) float32
+    code (Note [prmt lookup] in kernels/nf4_gemv.py). Built by a dozen small kernels, so cached per
+    code tensor: a raw QuantState passed on every call (not kernels.prepare'd) pays it once. Not
+    cached while a CUDA graph is being captured (the tables would be written only on replay)."""
+    key = (code.device, code.data_ptr(), code._version)
+    capturing = code.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and key in _CODE_TABLES:
+        return _CODE_TABLES[key][1:]
     byte = torch.arange(256, device=code.device)
     byte_code = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
     halves = torch.stack([code.half().view(torch.int16), _filled_bf16(code)])  # (2, 16) 16-bit patterns
     code_bytes = halves.contiguous().view(torch.uint8).view(2, 16, 2)  # (2, 16, 2): low, high byte of each
     code_planes = code_bytes.transpose(1, 2).contiguous().view(torch.int32).reshape(16, 1).expand(16, 32)
-    return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
-                     nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
-                     blocksize=blocksize, double_quant=double_quant, byte_code=byte_code,
-                     code_planes=code_planes.contiguous())
+    code_planes = code_planes.contiguous()
+    if not capturing:
+        if len(_CODE_TABLES) >= _CODE_TABLES_MAX:
+            _CODE_TABLES.pop(next(iter(_CODE_TABLES)))  # the oldest
+        _CODE_TABLES[key] = (code, byte_code, code_planes)
+    return byte_code, code_planes
 
 
 def _filled_bf16(code: torch.Tensor) -> torch.Tensor:

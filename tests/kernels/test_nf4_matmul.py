@@ -192,3 +192,19 @@ def test_gemv_takes_at_most_16_rows():
     packed, state, _ = _weight(40, 128, 64)
     with pytest.raises(ValueError, match="at most 16 rows"):
         nf4_matmul.matmul_nf4_gemv(torch.randn(17, 128).half(), packed, state)
+
+
+def test_raw_state_calls_reuse_the_code_tables_and_see_a_code_changed_in_place():
+    from kernels import nf4_tiles
+    packed, state, weight = _weight(40, 128, 64)
+    x = torch.randn(1, 128)
+    assert_matmul_close(kernels.matmul_nf4(x, packed, state), x, weight.T, None, RTOL[torch.float32])
+    first = kernels.prepare(packed, state)
+    assert kernels.prepare(packed, state).code_planes is first.code_planes  # cached, not rebuilt
+    state.code.mul_(-0.5)  # in place: a new version of the same tensor
+    changed = reference.dequantize_nf4(packed, state, torch.float32)
+    assert_matmul_close(kernels.matmul_nf4(x, packed, state), x, changed.T, None, RTOL[torch.float32])
+    assert kernels.prepare(packed, state).code_planes is not first.code_planes
+    for _ in range(2 * nf4_tiles._CODE_TABLES_MAX):  # fresh code tensors: the cache stays bounded
+        kernels.prepare(packed, state.__class__(**{**vars(state), "code": state.code.clone()}))
+    assert len(nf4_tiles._CODE_TABLES) <= nf4_tiles._CODE_TABLES_MAX

@@ -34,6 +34,7 @@ from lora.data import (
 )
 from lora.graphs import PAD_MULTIPLE, StepGraphs
 from lora.loss import loss_sum
+from models.jsonfile import read_json_object
 
 __all__ = ["Config", "run", "main", "learning_rate", "Trainer", "training_step", "loss_sum"]
 
@@ -272,8 +273,12 @@ class Trainer:
         from safetensors.torch import load_file
         lora.load(self.model, folder)
         lora.optim.load_state(self.optimizer, folder / "optimizer")
-        state = json.loads((folder / "trainer_state.json").read_text())
-        self.progress = Progress(**state["progress"])
+        path = folder / "trainer_state.json"
+        state = read_json_object(path)
+        try:
+            self.progress = Progress(**state["progress"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: 'progress' is missing or malformed ({e})") from None
         self.history = state.get("history", [])
         rng = load_file(folder / "rng.safetensors")
         torch.set_rng_state(rng["cpu"])

@@ -75,6 +75,19 @@ def test_resume_continues_exactly(tiny_model_dir, small_data, tmp_path):
     assert _losses(resumed.history) == expected  # bitwise on the CPU, history from step 1 on
 
 
+def test_a_corrupt_checkpoint_state_is_named_on_resume(tiny_model_dir, small_data, tmp_path):
+    trainer = lora.train.Trainer(_config(tiny_model_dir, small_data, tmp_path, max_steps=1), log=lambda s: None)
+    trainer.train_step()
+    folder = trainer.save_checkpoint()
+    state = folder / "trainer_state.json"
+    for text, message in [('{"progress": {"step": 1', "not valid JSON"), ('{"history": []}', "'progress' is missing"),
+                          ('{"progress": {"stepp": 1}}', "'progress' is missing or malformed")]:
+        state.write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            trainer.resume_from(folder)
+        assert str(state) in str(error.value)
+
+
 def test_a_failed_checkpoint_write_leaves_nothing_behind(tiny_model_dir, small_data, tmp_path, monkeypatch):
     trainer = lora.train.Trainer(_config(tiny_model_dir, small_data, tmp_path, max_steps=2), log=lambda s: None)
     trainer.train_step()

@@ -2,9 +2,11 @@
 
     PYTHONPATH=. python3 -m benchmarks.profile_train [--shape llama3.1-8b] [--batch 1] [--seq 2048]
 
-Builds the same random-weight model as benchmarks/train.py, runs two warm-up steps, profiles two,
-and prints the kernels by total GPU time, the number of kernel launches per step, and the step's
-GPU-busy fraction (the rest is the GPU waiting for the host).
+Builds the same random-weight model as benchmarks/train.py (the trainer's defaults: embeddings,
+head and checkpoints in host memory; --resident keeps them on the GPU), runs two warm-up steps
+eagerly, profiles two, and prints the kernels by total GPU time, the number of kernel launches
+per step, the step's GPU-busy fraction (the rest is the GPU waiting for the host), and the
+operators by host time.
 """
 import argparse
 import time
@@ -19,6 +21,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=30, help="kernels to list")
+    parser.add_argument("--resident", action="store_true", help="embeddings, head and checkpoints on the GPU")
     args = parser.parse_args()
 
     import lora
@@ -37,6 +40,9 @@ def main() -> int:
     quant.quantize(model, compute_dtype=torch.bfloat16)
     lora.wrap(model, r=16, alpha=32)
     model.gradient_checkpointing = True
+    if not args.resident:
+        models.keep_embeddings_on_host(model)
+        model.model.checkpoint_offload = models.CheckpointOffload()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = lora.optim.AdamW(params, lr=2e-4, paged=True)
     B, T = args.batch, args.seq
@@ -68,6 +74,10 @@ def main() -> int:
     for e in rows:
         print(f"| {e.key[:70]} | {e.count / 2:.0f} | {e.self_device_time_total / 2 / 1e3:.2f} | "
               f"{100 * e.self_device_time_total / max(total, 1):.1f}% |")
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    print("\n| operator | calls/step | host ms/step (self) |\n|---|---|---|")
+    for e in host:
+        print(f"| {e.key[:70]} | {e.count / 2:.0f} | {e.self_cpu_time_total / 2 / 1e3:.2f} |")
     return 0
 
 

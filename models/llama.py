@@ -264,6 +264,11 @@ class KVCache:
 
     `length` counts the positions already stored; `Llama.forward` writes the new keys after them
     and advances `length` by the number of new tokens once all layers are done.
+
+    For a CUDA graph (models/generate.py) the positions must live on the device instead: with
+    `positions` set (a (T,) int64 device tensor), `Llama.forward` writes the T new keys at those
+    positions, attends over all `max_len` slots with a mask that admits slots <= the query's
+    position, and leaves `length` alone. The same kernels then serve every decoding step.
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
@@ -272,9 +277,15 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
+        self.positions: torch.Tensor | None = None  # (T,) int64 on the device: see the class docstring
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, KV, T, D) after the cached positions; return all keys and values so far."""
+        """Store k, v (B, KV, T, D) after the cached positions (or at `positions`); return all keys
+        and values so far (all max_len slots with `positions`)."""
+        if self.positions is not None:
+            self.keys[layer].index_copy_(2, self.positions, k)
+            self.values[layer].index_copy_(2, self.positions, v)
+            return self.keys[layer], self.values[layer]  # (B, KV, max_len, D)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache is full: {self.length} cached + {k.shape[2]} new > max_len {self.max_len}")
@@ -417,6 +428,8 @@ class LlamaModel(nn.Module):
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
         device = x.device
+        if kv_cache is not None and kv_cache.positions is not None:  # a decoding step for a CUDA graph
+            return self._forward_at_positions(x, kv_cache, attention_mask, document_ids)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)} of 0/1, "
@@ -455,6 +468,24 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        return self.norm(x)
+
+    def _forward_at_positions(self, x, kv_cache: KVCache, attention_mask, document_ids) -> torch.Tensor:
+        """x (B, T, hidden) at kv_cache.positions (T,): see KVCache. Nothing here reads a Python
+        number that changes between steps, so a CUDA graph of it serves every step."""
+        if attention_mask is not None or document_ids is not None:
+            raise ValueError("a KVCache with positions takes no attention_mask or document_ids")
+        B, T, _ = x.shape
+        positions = kv_cache.positions  # (T,)
+        if tuple(positions.shape) != (T,):
+            raise ValueError(f"KVCache.positions must be (T,) = ({T},), got shape {tuple(positions.shape)}")
+        slots = torch.arange(kv_cache.max_len, device=x.device)
+        mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, T, max_len)
+        angles = positions[None, :, None].float() * self.rope_frequencies(x.device)  # (1, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (1, T, D), the same for every row
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, kv_cache)
         return self.norm(x)
 
 

@@ -82,3 +82,22 @@ def test_generate_text_and_chat(tmp_path):
     assert models.generate(model, tok, messages, max_new_tokens=10) == tok.decode(new, skip_special=True)
     text_ids = generate_ids(model, tok.encode("Once upon a time"), max_new_tokens=10, stop_ids=tok.stop_ids)
     assert models.generate(model, tok, "Once upon a time", max_new_tokens=10) == tok.decode(text_ids, skip_special=True)
+
+
+def test_a_decoding_step_at_device_positions_equals_the_cached_step():
+    """KVCache.positions (what a CUDA graph of the step needs) against the Python-counted cache."""
+    model = Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    counted, at_positions = model.new_kv_cache(1, 16), model.new_kv_cache(1, 16)
+    with torch.no_grad():
+        model(ids[:, :6], kv_cache=counted)
+        model(ids[:, :6], kv_cache=at_positions)
+        for t in range(6, 9):
+            expected = model(ids[:, t:t + 1], kv_cache=counted)
+            at_positions.positions = torch.tensor([t])
+            got = model(ids[:, t:t + 1], kv_cache=at_positions)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert at_positions.length == 6  # positions mode leaves the count alone
+    with pytest.raises(ValueError, match=r"positions must be \(T,\) = \(2,\)"):
+        model(ids[:, :2], kv_cache=at_positions)

@@ -1,0 +1,71 @@
+"""Decoding speed: greedy generation from a random-weight NF4 Llama with LoRA adapters, each step
+launched eagerly from Python or replayed from a CUDA graph (models/generate.py).
+
+    PYTHONPATH=. python3 -m benchmarks.generate [--shapes llama3.2-1b,llama3.1-8b] [--new 128]
+
+bf16 autocast, batch 1, a prompt of --prompt random tokens then --new tokens (no stop token);
+time per new token = (wall time of the call - the same call with 2 new tokens) / (new - 2), so the
+prompt, the graph's capture and its first replay are not counted. Also with the embeddings and head in host memory
+(the trainer's default on the GPU; the head then crosses PCIe once per token).
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks.report import publish
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="llama3.2-1b,llama3.1-8b")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    import lora
+    import models
+    import quant
+
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    lines = ["| shape | embeddings and head | eager ms/token | CUDA graph ms/token | speedup |", "|---|---|---|---|---|"]
+    for shape in args.shapes.split(","):
+        cfg = models.LlamaConfig.preset(shape)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            torch.set_default_dtype(torch.bfloat16)
+            model = models.Llama(cfg)
+            torch.set_default_dtype(torch.float32)
+        quant.quantize(model, compute_dtype=torch.bfloat16)
+        lora.wrap(model, r=16, alpha=32)
+        prompt = torch.randint(0, cfg.vocab_size, (args.prompt,)).tolist()
+        for where in ("GPU", "host"):
+            if where == "host":
+                models.keep_embeddings_on_host(model)
+                torch.cuda.empty_cache()
+            per_token = {}
+            for graph in (False, True):
+                def call(n):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = models.generate_ids(model, prompt, max_new_tokens=n, cuda_graph=graph)
+                    torch.cuda.synchronize()
+                    assert len(out) == n
+                    return time.perf_counter() - t0
+                call(args.new)  # warm-up: autotuning, allocator
+                base = min(call(2) for _ in range(3))
+                full = min(call(args.new) for _ in range(2))
+                per_token[graph] = (full - base) / (args.new - 2) * 1e3
+                print(f"{shape} {where} graph={graph}: {per_token[graph]:.2f} ms/token", flush=True)
+            lines.append(f"| {shape} | {where} | {per_token[False]:.2f} | {per_token[True]:.2f} | "
+                         f"{per_token[False] / per_token[True]:.2f}x |")
+        del model
+        torch.cuda.empty_cache()
+    publish("generate", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

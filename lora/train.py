@@ -4,8 +4,8 @@
 
 config -> models.Llama.from_pretrained(quantize="nf4") -> lora.wrap -> on GPU, the frozen
 embeddings and head and the checkpointed activations in host memory (models/offload.py) ->
-lora.data (template, masks, packing) -> steps: bf16 autocast on GPU (fp32 on CPU), CUDA graphs of each micro-batch's forward
-and backward (lora/graphs.py), gradient checkpointing, accumulation,
+lora.data (template, masks, packing) -> steps: bf16 autocast on GPU (fp32 on CPU), CUDA graphs of
+each micro-batch's forward and backward (lora/graphs.py), gradient checkpointing, accumulation,
 warmup + cosine schedule, clipping, lora.optim.AdamW (paged on GPU) -> periodic eval loss and
 sample answers -> atomic checkpoints that resume exactly -> the adapter in the PEFT layout, and
 optionally a merged HF-format folder.

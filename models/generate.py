@@ -16,6 +16,7 @@ Note [decoding in a CUDA graph]
     - sampling stays on the host (one sync per token, as before).
 """
 import contextlib
+import warnings
 
 import torch
 
@@ -125,7 +126,12 @@ def generate_ids(model, prompt_ids, max_new_tokens: int = 128, temperature: floa
                 break
             new.append(token)
             if cuda_graph and decoder is None and len(new) < max_new_tokens:
-                decoder = GraphedDecoder(model, cache, first_position=cache.length)
+                try:
+                    decoder = GraphedDecoder(model, cache, first_position=cache.length)
+                except RuntimeError as error:  # an op that cannot be captured: decode eagerly
+                    cache.positions, cuda_graph = None, False
+                    warnings.warn(f"generate: capturing the decoding step failed ({str(error).splitlines()[0]}); "
+                                  f"decoding eagerly")
             next_token = torch.tensor([[token]], device=ids_device)
             sequence = torch.cat((sequence, next_token), dim=1)
             step_input = next_token if use_cache else sequence

@@ -429,7 +429,9 @@ class LlamaModel(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         device = x.device
         if kv_cache is not None and kv_cache.positions is not None:  # a decoding step for a CUDA graph
-            return self._forward_at_positions(x, kv_cache, attention_mask, document_ids)
+            if attention_mask is not None or document_ids is not None or position_ids is not None:
+                raise ValueError("a KVCache with positions takes no attention_mask, document_ids or position_ids")
+            return self._forward_at_positions(x, kv_cache)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(f"attention_mask must be (B, cached + T) = {(B, past + T)} of 0/1, "
@@ -470,11 +472,9 @@ class LlamaModel(nn.Module):
             kv_cache.length += T
         return self.norm(x)
 
-    def _forward_at_positions(self, x, kv_cache: KVCache, attention_mask, document_ids) -> torch.Tensor:
+    def _forward_at_positions(self, x, kv_cache: KVCache) -> torch.Tensor:
         """x (B, T, hidden) at kv_cache.positions (T,): see KVCache. Nothing here reads a Python
         number that changes between steps, so a CUDA graph of it serves every step."""
-        if attention_mask is not None or document_ids is not None:
-            raise ValueError("a KVCache with positions takes no attention_mask or document_ids")
         B, T, _ = x.shape
         positions = kv_cache.positions  # (T,)
         if tuple(positions.shape) != (T,):

@@ -101,3 +101,5 @@ def test_a_decoding_step_at_device_positions_equals_the_cached_step():
     assert at_positions.length == 6  # positions mode leaves the count alone
     with pytest.raises(ValueError, match=r"positions must be \(T,\) = \(2,\)"):
         model(ids[:, :2], kv_cache=at_positions)
+    with pytest.raises(ValueError, match="takes no attention_mask, document_ids or position_ids"):
+        model(ids[:, :1], kv_cache=at_positions, position_ids=torch.tensor([[3]]))

@@ -180,8 +180,9 @@ def keep_embeddings_on_host(model: nn.Module) -> nn.Module:
 class _Offloaded:
     """One saved tensor in host memory, and the GPU copy a prefetch brings back."""
 
-    def __init__(self, host: torch.Tensor, shape, device, index: int):
+    def __init__(self, host: torch.Tensor, shape, device, index: int, forward_pass: int):
         self.host, self.shape, self.device, self.index = host, shape, device, index
+        self.forward_pass = forward_pass  # which pass wrote `host` (CheckpointOffload._passes)
         self.back: torch.Tensor | None = None  # the prefetched GPU copy
         self.ready: torch.cuda.Event | None = None
         self.unpacked = False  # read back at least once
@@ -195,6 +196,8 @@ class CheckpointOffload:
     of the pass reuses the k-th buffer: they only grow, so a captured CUDA graph's addresses stay
     valid), is released on the GPU once its copy is done, and comes back one tensor ahead of the
     backward pass, which reads them in reverse order. Tensors saved twice are copied once.
+    A pass's backward must run before the next forward pass, which reuses the buffers: the
+    backward of an older pass raises an error instead of reading the newer pass's tensors.
     """
 
     def __init__(self, min_bytes: int = 1 << 20):
@@ -205,6 +208,7 @@ class CheckpointOffload:
         self._saved: list[_Offloaded] = []
         self._by_key: dict[tuple, _Offloaded] = {}
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._passes = 0  # forward passes started
 
     def reset(self) -> None:
         """Drop the host buffers (after the graphs that used them are gone)."""
@@ -252,7 +256,7 @@ class CheckpointOffload:
             done = torch.cuda.Event()
             done.record(copier)
         self._pending.append((tensor, done))  # keeps the GPU tensor alive until the copy is done
-        saved = self._by_key[key] = _Offloaded(host, tensor.shape, tensor.device, index)
+        saved = self._by_key[key] = _Offloaded(host, tensor.shape, tensor.device, index, self._passes)
         self._saved.append(saved)
         return saved
 
@@ -270,6 +274,10 @@ class CheckpointOffload:
     def _unpack(self, saved):
         if not isinstance(saved, _Offloaded):
             return saved
+        if saved.forward_pass != self._passes:
+            raise RuntimeError("CheckpointOffload: this backward pass belongs to an earlier forward pass, "
+                               "whose offloaded tensors a newer forward pass has overwritten; run each "
+                               "backward before the next forward pass (or set checkpoint_offload = None)")
         compute = torch.cuda.current_stream(saved.device)
         self._release_copied(compute)
         if saved.back is None:
@@ -287,6 +295,7 @@ class CheckpointOffload:
     def hooks(self):
         """The saved_tensors_hooks context for one forward pass (it starts a new pass)."""
         self._saved, self._by_key = [], {}
+        self._passes += 1
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def finish_forward(self) -> None:

@@ -114,3 +114,14 @@ def test_checkpointed_inputs_leave_the_gpu():
         del hidden
     layer_input = 16 * 384 * 256 * 2
     assert kept[0] - kept[1] >= 2 * layer_input  # 3 layer inputs kept on the GPU against ~none
+
+
+def test_a_backward_after_a_newer_forward_pass_is_refused():
+    model, _, _ = _model(offload_min_bytes=0)
+    ids = _batch(0).input_ids.to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first = model.model(ids).float().square().mean()
+        second = model.model(ids).float().square().mean()
+    second.backward()  # the newest pass: fine
+    with pytest.raises(RuntimeError, match="belongs to an earlier forward pass"):
+        first.backward()

@@ -28,6 +28,8 @@ Note [pinned memory and CUDA graphs]
     first waits for the compute stream and is waited on before its result is used, so a capture
     records the same dependencies as an eager run.
 """
+import weakref
+
 import torch
 from torch import nn
 
@@ -180,8 +182,9 @@ def keep_embeddings_on_host(model: nn.Module) -> nn.Module:
 class _Offloaded:
     """One saved tensor in host memory, and the GPU copy a prefetch brings back."""
 
-    def __init__(self, host: torch.Tensor, shape, device, index: int, forward_pass: int):
-        self.host, self.shape, self.device, self.index = host, shape, device, index
+    def __init__(self, host: torch.Tensor, tensor: torch.Tensor, index: int, forward_pass: int):
+        self.host, self.shape, self.device, self.index = host, tensor.shape, tensor.device, index
+        self.source = weakref.ref(tensor)  # dead once the GPU tensor is freed
         self.forward_pass = forward_pass  # which pass wrote `host` (CheckpointOffload._passes)
         self.back: torch.Tensor | None = None  # the prefetched GPU copy
         self.ready: torch.cuda.Event | None = None
@@ -243,8 +246,10 @@ class CheckpointOffload:
         if tensor.device.type != "cuda" or nbytes < self.min_bytes or not tensor.is_contiguous():
             return tensor
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor._version)
-        if key in self._by_key:
-            return self._by_key[key]
+        known = self._by_key.get(key)
+        if known is not None and known.source() is tensor:  # the same tensor saved again (cos, sin)
+            return known
+        # (A tensor at the address of one offloaded and freed earlier in the pass is a new tensor.)
         compute = torch.cuda.current_stream(tensor.device)
         self._release_copied(compute)
         index = len(self._saved)
@@ -256,7 +261,7 @@ class CheckpointOffload:
             done = torch.cuda.Event()
             done.record(copier)
         self._pending.append((tensor, done))  # keeps the GPU tensor alive until the copy is done
-        saved = self._by_key[key] = _Offloaded(host, tensor.shape, tensor.device, index, self._passes)
+        saved = self._by_key[key] = _Offloaded(host, tensor, index, self._passes)
         self._saved.append(saved)
         return saved
 

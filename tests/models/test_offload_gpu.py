@@ -96,6 +96,28 @@ def test_offloaded_training_equals_resident_training(graphs_on):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
 
 
+def test_offloaded_gradients_equal_resident_ones_exactly_in_a_deep_model():
+    """12 layers: the GPU memory of an offloaded layer input is reused for later ones, so a tensor
+    at the address of an earlier one must not be taken for it (offloading is a copy: the
+    gradients are equal bit for bit)."""
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(DEVICE, torch.bfloat16)
+    lora.wrap(model, r=8, alpha=16, init="gaussian")
+    model.gradient_checkpointing = True
+    ids = _batch(0).input_ids.repeat(2, 1).to(DEVICE)
+    grads = []
+    for offload in (None, CheckpointOffload(min_bytes=0)):
+        model.model.checkpoint_offload = offload
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for got, want in zip(grads[1], grads[0]):
+        assert torch.equal(got, want)
+
+
 def test_checkpointed_inputs_leave_the_gpu():
     model, _, _ = _model()
     hosted = copy.deepcopy(model)

@@ -158,18 +158,20 @@ def main(argv=None) -> int:
             print(json.dumps(result), flush=True)
             rows.append(result)
 
+    # The last step's loss (the same batch every step, so it falls as the batch is learned): rows of
+    # one shape that train the same model must land close together, a check on the gradients.
     lines = ["| shape, batch | implementation | tokens/s | peak GiB | reserved GiB | vs peer tokens/s "
-             "| vs peer memory |", "|---|---|---|---|---|---|---|"]
+             "| vs peer memory | last loss |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         peer = next((r for r in rows if r["shape"] == row["shape"] and r.get("impl", "").startswith("hf")
                      and "error" not in r), None)
         if "error" in row:
-            lines.append(f"| {row['shape']}, {row['batch']} | {row.get('impl', '?')} | {row['error'][:80]} | | | | |")
+            lines.append(f"| {row['shape']}, {row['batch']} | {row.get('impl', '?')} | {row['error'][:80]} | | | | | |")
             continue
         speed = f"{row['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
         memory = f"{row['peak_gib'] / peer['peak_gib']:.2f}x" if peer else "-"
         lines.append(f"| {row['shape']}, {row['batch']} | {row['impl']} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['peak_gib']:.1f} | {row['reserved_gib']:.1f} | {speed} | {memory} |")
+                     f"{row['peak_gib']:.2f} | {row['reserved_gib']:.1f} | {speed} | {memory} | {row['loss']:.3f} |")
     table = "\n".join(lines)
     publish("train", table)
     return 0

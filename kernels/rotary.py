@@ -84,6 +84,8 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         cos, sin = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernel needs unit stride on D
+            grad_out = grad_out.contiguous()
         return _launch(grad_out, cos, sin, backward=True), None, None
 
 

@@ -47,6 +47,14 @@ def test_the_reference_is_the_model_formula_and_its_gradient():
     torch.testing.assert_close(reference.apply_rotary(g, cos, sin, backward=True), dx)
 
 
+def test_an_expanded_gradient_is_handled():
+    x, cos, sin = _inputs(2, 3, 11, 16, torch.float32)
+    x.requires_grad_(True)
+    kernels.apply_rotary(x, cos, sin).sum().backward()  # the gradient is ones, expanded: all strides 0
+    ones = torch.ones_like(x.detach())
+    torch.testing.assert_close(x.grad, reference.apply_rotary(ones, cos, sin, backward=True), rtol=0, atol=1e-6)
+
+
 def test_bad_shapes_are_refused_with_the_shapes():
     x, cos, sin = _inputs(2, 3, 11, 16, torch.float32)
     with pytest.raises(ValueError, match=r"cos \(2, 10, 16\)"):

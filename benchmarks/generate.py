@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from benchmarks.qlora_model import random_qlora_llama
 from benchmarks.report import publish
 
 
@@ -24,21 +25,13 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=128)
     args = parser.parse_args(argv)
 
-    import lora
     import models
-    import quant
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}")
     lines = ["| shape | embeddings and head | eager ms/token | CUDA graph ms/token | speedup |", "|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
-        cfg = models.LlamaConfig.preset(shape)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            torch.set_default_dtype(torch.bfloat16)
-            model = models.Llama(cfg)
-            torch.set_default_dtype(torch.float32)
-        quant.quantize(model, compute_dtype=torch.bfloat16)
-        lora.wrap(model, r=16, alpha=32)
+        model = random_qlora_llama(shape)
+        cfg = model.config
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt,)).tolist()
         for where in ("GPU", "host"):
             if where == "host":

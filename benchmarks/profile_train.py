@@ -14,6 +14,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.qlora_model import random_qlora_llama
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,18 +29,11 @@ def main() -> int:
     import lora
     import lora.optim
     import models
-    import quant
     from lora.data import Batch
     from lora.train import training_step
 
-    cfg = models.LlamaConfig.preset(args.shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = models.Llama(cfg)
-        torch.set_default_dtype(torch.float32)
-    quant.quantize(model, compute_dtype=torch.bfloat16)
-    lora.wrap(model, r=16, alpha=32)
+    model = random_qlora_llama(args.shape)
+    cfg = model.config
     model.gradient_checkpointing = True
     if not args.resident:
         models.keep_embeddings_on_host(model)

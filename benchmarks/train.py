@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.qlora_model import random_qlora_llama
 from benchmarks.report import publish
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,23 +34,14 @@ def ours(args: dict) -> dict:
     import lora.loss
     import lora.optim
     import models
-    import quant
     from lora.data import Batch
     from lora.graphs import StepGraphs
     from lora.train import training_step
 
     if args.get("loss_chunk"):
         lora.loss.CHUNK = args["loss_chunk"]
-    cfg = models.LlamaConfig.preset(args["shape"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        model = models.Llama(cfg)
-        torch.set_default_dtype(previous)
-    quant.quantize(model, compute_dtype=torch.bfloat16)
-    torch.cuda.empty_cache()
-    lora.wrap(model, r=16, alpha=32)
+    model = random_qlora_llama(args["shape"])
+    cfg = model.config
     model.gradient_checkpointing = True
     if args.get("host", True):  # as the trainer does by default (models/offload.py)
         models.keep_embeddings_on_host(model)

@@ -407,6 +407,12 @@ class LlamaModel(nn.Module):
             self._inv_freq = rope_inverse_frequencies(self.config, device)
         return self._inv_freq
 
+    def _rotary_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) in `dtype` of the rotary angles at position_ids (B, T), D = head_dim."""
+        angles = position_ids[..., None].float() * self.rope_frequencies(position_ids.device)  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, document_ids=None,
                 inputs_embeds=None):
         """(B, T) token ids, or their (B, T, hidden) embeddings, -> (B, T, hidden) final hidden states.
@@ -453,10 +459,7 @@ class LlamaModel(nn.Module):
         position_ids = position_ids.to(device)
         mask = build_attention_mask(T, past, attention_mask, document_ids, device)
 
-        inv_freq = self.rope_frequencies(device)  # (D/2,)
-        angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self._rotary_tables(position_ids, x.dtype)  # (B|1, T, D)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing:
             offload = self.checkpoint_offload
@@ -481,9 +484,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"KVCache.positions must be (T,) = ({T},), got shape {tuple(positions.shape)}")
         slots = torch.arange(kv_cache.max_len, device=x.device)
         mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, T, max_len)
-        angles = positions[None, :, None].float() * self.rope_frequencies(x.device)  # (1, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (1, T, D), the same for every row
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self._rotary_tables(positions[None], x.dtype)  # (1, T, D), the same for every row
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         return self.norm(x)

@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["HostEmbedding", "HostHead", "CheckpointOffload", "keep_embeddings_on_host", "host_parameter", "pin",
+__all__ = ["HostEmbedding", "HostHead", "CheckpointOffload", "keep_embeddings_on_host", "host_parameter",
            "SLICE_BYTES", "RING"]
 
 # The head streams in slices of about SLICE_BYTES through RING buffers on the GPU: 4 x 32 MiB.
@@ -41,18 +41,15 @@ SLICE_BYTES = 32 << 20
 RING = 4
 
 
-def pin(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (on the CPU) in page-locked memory when CUDA is there, for asynchronous copies (and
-    copies inside a CUDA graph, which must be asynchronous); as it is otherwise."""
-    if not torch.cuda.is_available() or tensor.is_pinned():
-        return tensor
-    return tensor.pin_memory()
-
-
 def host_parameter(weight: torch.Tensor) -> nn.Parameter:
     """A frozen, pinned CPU copy of `weight`, as the weight of a HostEmbedding or HostHead."""
-    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=torch.cuda.is_available())
-    return nn.Parameter(host.copy_(weight.detach()), requires_grad=False)
+    return nn.Parameter(_pinned(weight.shape, weight.dtype).copy_(weight.detach()), requires_grad=False)
+
+
+def _pinned(shape, dtype) -> torch.Tensor:
+    """An empty CPU tensor in page-locked memory when CUDA is there (Note [pinned memory and CUDA
+    graphs]), in ordinary memory otherwise."""
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
 
 class _HostModule(nn.Module):
@@ -232,7 +229,7 @@ class CheckpointOffload:
                                    "capture; run the shape eagerly once first")
             self._retired.append(self._buffers[index])  # doubling: the retired ones add up to < the live
             size = max(nbytes, 2 * self._buffers[index].numel())
-            self._buffers[index] = pin(torch.empty(size, dtype=torch.uint8))
+            self._buffers[index] = _pinned(size, torch.uint8)
         return self._buffers[index][:nbytes]
 
     def _release_copied(self, compute) -> None:

@@ -28,6 +28,7 @@ from triton.testing import do_bench
 import kernels
 from benchmarks.report import publish
 from kernels import nf4_matmul, reference
+from kernels.launch import cold_graph_bench
 from kernels.nf4_dequant import dequantize_nf4
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # (N, K)
@@ -99,6 +100,16 @@ def median_us(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def graphed_us(fn) -> float | None:
+    """GPU time per call with L2 cleared, calls replayed from a CUDA graph (kernels/launch.py): no host
+    launch cost. None when `fn` cannot be captured."""
+    try:
+        return cold_graph_bench(fn) * 1e3
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+
+
 def exact_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a @ b, |a| @ |b|) in fp64 on the GPU: the reference and the scale of its rounding errors."""
     a64, b64 = a.double(), b.double()
@@ -153,6 +164,8 @@ def main() -> int:
     parser.add_argument("--shapes", help="N x K list, e.g. 4096x4096,14336x4096")
     parser.add_argument("--rows", help="M list, e.g. 1,16,64,4096")
     parser.add_argument("--overhead", action="store_true", help="also time the per-call launch overhead at M = 1")
+    parser.add_argument("--graphed", action="store_true",
+                        help="time every implementation by CUDA-graph replay (GPU time only) instead of do_bench")
     parser.add_argument("--dispatch-only", action="store_true",
                         help="time torch, ours (the dispatch) and bitsandbytes only, not each strategy")
     args = parser.parse_args()
@@ -168,7 +181,7 @@ def main() -> int:
     bnb = _bitsandbytes()
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}; NF4 + double quant, "
-              f"blocksize {BLOCKSIZE}, bf16; dispatch: "
+              f"blocksize {BLOCKSIZE}, bf16; timing: {'CUDA-graph replay' if args.graphed else 'do_bench'}; dispatch: "
               f"SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
               f"LARGE_M_STRATEGY_T={nf4_matmul.LARGE_M_STRATEGY_T!r}")
     print(header)
@@ -206,7 +219,8 @@ def main() -> int:
                     if fn is not None:
                         check(f"{name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
                 del exact
-            times = {name: (median_us(fn) if fn is not None else None) for name, fn in runs.items()}
+            timer = graphed_us if args.graphed else median_us
+            times = {name: (timer(fn) if fn is not None else None) for name, fn in runs.items()}
             speedup = {name: (times["torch"] / t if t else None) for name, t in times.items()}
             if m <= SMALL_PATH_MAX_ROWS:
                 rate = f"{(wbytes + (m * n_cols + m * n_rows) * 2) / times['ours'] / 1e3:.0f} GB/s"

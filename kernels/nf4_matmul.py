@@ -13,9 +13,13 @@ Tensor-core kernel (both directions; forward shown, g @ W swaps the roles of N a
 Dispatch by M = rows of x (x flattened to (M, K)); the constants below were set from H100
 measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchmarks/RESULTS.md):
 
-    M <= GEMV_M_MAX      the streaming kernel of kernels/nf4_gemv.py (FMA at M = 1, tensor cores
-                         with x padded to 16 rows above), for rows holding whole blocks; its code
-                         lookup is nf4_gemv.GEMV_LOOKUP (M = 1) / GEMV_DOT_LOOKUP (M > 1)
+    M <= MMA_M_MAX       the tensor-core streaming kernel of kernels/nf4_mma.py (inline PTX: one
+                         warp per 16 rows, mma.m16n8k16 on codes looked up in registers) for 16-bit x
+                         on CUDA and blocksizes that are multiples of 32 (mma_fits)
+    M <= GEMV_M_MAX      otherwise the streaming kernel of kernels/nf4_gemv.py (FMA at M = 1, tensor
+                         cores with x padded to 16 rows above; float32 x, other blocksizes, the CPU
+                         interpreter), for rows holding whole blocks; its code lookup is
+                         nf4_gemv.GEMV_LOOKUP (M = 1) / GEMV_DOT_LOOKUP (M > 1)
     larger M             LARGE_M_STRATEGY: "dequantize" (W to a scratch buffer by
                          kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
     other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
@@ -69,9 +73,10 @@ from kernels import nf4_gemv
 from kernels.launch import Tuned
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
+from kernels.nf4_mma import MMA_M_MAX, mma_fits, mma_gemv
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
-__all__ = ["matmul_nf4", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
+__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
            "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
            "split_for_small_m"]
 
@@ -365,6 +370,8 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     """x @ W.T (+ bias): (..., K) -> (..., N) in x's dtype, dispatched by M (module docstring)."""
     weight = nf4_weight(packed, state, x.device)
     m = math.prod(x.shape[:-1])
+    if m <= MMA_M_MAX and _mma_runs(x, weight):
+        return matmul_nf4_mma(x, packed, weight, bias)
     if m <= SMALL_M_MAX and _gemv_fits(weight):
         return matmul_nf4_gemv(x, packed, weight, bias)
     if not weight.whole_blocks:
@@ -379,6 +386,35 @@ def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Te
     None: no split (the (BLOCK_N rows) tiles already give enough programs; see Note [GEMV tile]).
     lookup: one of GEMV_LOOKUPS, None for the module's choice (_gemv_lookup)."""
     return _forward(x, packed, state, bias, split_k, "gemv", lookup)
+
+
+def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                   config: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor-core streaming kernel of kernels/nf4_mma.py for M <= MMA_M_MAX rows of 16-bit x on
+    CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config (warps per tile, groups per
+    iteration): None times nf4_mma.MMA_CONFIGS once per shape and keeps the fastest."""
+    weight = nf4_weight(packed, state, x.device)
+    x2d = _flat_input(x, weight.n_cols, "matmul_nf4_mma", "in_features of the NF4 weight")
+    _check_bias(bias, weight.n_rows, x.device)
+    m, n = x2d.shape[0], weight.n_rows
+    if not _mma_runs(x, weight):
+        raise ValueError(f"matmul_nf4_mma: needs float16 or bfloat16 x on CUDA (got {x.dtype} on {x.device}) and "
+                         f"blocksize % 32 == 0 and K % blocksize == 0 (got blocksize {weight.blocksize}, "
+                         f"K {weight.n_cols})")
+    if m > MMA_M_MAX:
+        raise ValueError(f"matmul_nf4_mma: takes at most {MMA_M_MAX} rows of x, got {m}")
+    if x2d.data_ptr() % 16 or x2d.stride(0) % 8:  # the kernel reads x 16 bytes at a time
+        x2d = x2d.clone(memory_format=torch.contiguous_format)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0:
+        with on_device(x.device):
+            mma_gemv(x2d, weight, bias, out, config)
+    return out.view(*x.shape[:-1], n)
+
+
+def _mma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:
+    return (x.is_cuda and not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+            and mma_fits(weight.blocksize, weight.n_cols))
 
 
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,

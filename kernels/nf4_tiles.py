@@ -80,7 +80,7 @@ class NF4Weight:
     blocksize: int
     double_quant: bool
     byte_code: torch.Tensor      # float32 (256, 2): the two values a packed byte holds, high nibble first
-    code_planes: torch.Tensor    # int32 (16, 32): byte planes of `code` as float16, then as filled bfloat16
+    code_planes: torch.Tensor    # int32 (24, 32): byte planes of `code` as float16, as filled bfloat16, as bfloat16
                                  # (kernels/nf4_gemv.py, Note [prmt lookup]), one copy per lane
 
     @property
@@ -173,8 +173,8 @@ _CODE_TABLES_MAX = 16
 
 
 def _code_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (256, 2) byte -> two values table and the (16, 32) int32 prmt planes of a (16,) float32
-    code (Note [prmt lookup] in kernels/nf4_gemv.py). Built by a dozen small kernels, so cached per
+    """The (256, 2) byte -> two values table and the (24, 32) int32 prmt planes of a (16,) float32
+    code (Note [prmt lookup] in kernels/nf4_gemv.py, Note [pair lookup] in kernels/nf4_mma.py). Built by a dozen small kernels, so cached per
     code tensor: a raw QuantState passed on every call (not kernels.prepare'd) pays it once. Not
     cached while a CUDA graph is being captured (the tables would be written only on replay)."""
     key = (code.device, code.data_ptr(), code._version)
@@ -183,9 +183,10 @@ def _code_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _CODE_TABLES[key][1:]
     byte = torch.arange(256, device=code.device)
     byte_code = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
-    halves = torch.stack([code.half().view(torch.int16), _filled_bf16(code)])  # (2, 16) 16-bit patterns
-    code_bytes = halves.contiguous().view(torch.uint8).view(2, 16, 2)  # (2, 16, 2): low, high byte of each
-    code_planes = code_bytes.transpose(1, 2).contiguous().view(torch.int32).reshape(16, 1).expand(16, 32)
+    halves = torch.stack([code.half().view(torch.int16), _filled_bf16(code),
+                          code.bfloat16().view(torch.int16)])  # (3, 16) 16-bit patterns
+    code_bytes = halves.contiguous().view(torch.uint8).view(3, 16, 2)  # (3, 16, 2): low, high byte of each
+    code_planes = code_bytes.transpose(1, 2).contiguous().view(torch.int32).reshape(24, 1).expand(24, 32)
     code_planes = code_planes.contiguous()
     if not capturing:
         if len(_CODE_TABLES) >= _CODE_TABLES_MAX:

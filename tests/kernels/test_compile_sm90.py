@@ -25,7 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_matmul, rotary
+    from kernels import nf4_dequant, nf4_gemv, nf4_matmul, nf4_mma, rotary
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -88,6 +88,21 @@ def _compile_all() -> list[dict]:
     run("x @ W.T large-M float32 (ieee dot)", nf4_matmul._matmul_kernel,
         dict(x_ptr=torch.float32, **weight, bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
         dict(fmt, WHOLE_BLOCKS=True, HAS_BIAS=False, SPLIT=1, DOT_PRECISION="ieee"), nf4_matmul._LARGE_M_CONFIGS[0])
+    mma_args = dict(x_ptr=torch.bfloat16, packed_ptr=torch.uint8, absmax_ptr=torch.uint8,
+                    nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
+                    code_planes_ptr=torch.int32, bias_ptr=torch.bfloat16, scratch_ptr=torch.float32,
+                    out_ptr=torch.bfloat16, M=16, N=4096, K=4096, stride_xm=4096, stride_om=4096)
+    for blocksize, m_tiles, unroll, float16, double_quant in ((64, 1, 2, False, True), (64, 2, 4, False, True),
+                                                              (32, 2, 2, True, True), (256, 1, 4, False, False)):
+        dtype = torch.float16 if float16 else torch.bfloat16
+        constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
+                          HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll)
+        if m_tiles == 1:
+            constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
+        run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} {dtype}", nf4_mma._mma_gemv_kernel,
+            dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
+                 absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
+            triton.Config({}, num_warps=4, num_stages=1))
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
             dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,
@@ -118,7 +133,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 35
+    assert len(results) == 39
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -1,0 +1,393 @@
+"""Small-M NF4 matmul on the tensor cores: y = x @ W.T for M <= 16 rows of x (decode), W read once.
+
+    for each 16-row tile of W (one program), its warps splitting K:
+        for each group of 32 VEC columns of K in this warp's part:
+            words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
+            tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
+            acc    += tmp * scale[row, block]                               float32, per row and block
+        partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
+
+The kernel is written per thread: Triton scalars hold each lane's own values (the lane id comes
+from PTX %laneid), the loads, the mma and the stores of the partial sums are inline PTX, and
+Triton's tensors appear only at the end, where the warps' partial sums are read back from
+memory. So no Triton layout conversion (shared memory, barriers) sits in the loop, and each
+weight costs ~22 / 8 byte-permute and logic instructions plus 1/8 of an mma, against ~6
+instructions per weight for the FMA kernel of kernels/nf4_gemv.py (its M = 1 loop compiled for
+sm_90: lookup, one FFMA per weight, x converted per row, x and the scales through shared memory).
+
+Note [lane map]
+    mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g
+    and g + 8 and K slots {2t, 2t+1} (registers a0, a1) and {2t+8, 2t+9} (a2, a3), B (x.T) at
+    the same K slots and column g, and C at rows g, g + 8 and columns 2t, 2t + 1. The product sums
+    over the 16 slots, so any assignment of K positions to slots gives y, as long as A and B use
+    the same one: lane t's slots are 4 consecutive columns of one 32-bit word of codes (word j
+    holds columns 8j..8j+7 of its row), half h of the word feeding the mma of half h. Lane t of a
+    quad reads words t VEC .. t VEC + VEC - 1 of a group of 4 VEC words (32 VEC columns), so each
+    mma covers 32 VEC consecutive columns: within one block as long as 32 VEC <= blocksize, which
+    is why the scale can multiply the mma's sum (post-scaling, float32) instead of every weight.
+    VEC = min(4, blocksize // 32): blocksize 64 (QLoRA's) reads 8 bytes per lane per row.
+
+Note [pair lookup]
+    The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a
+    high-byte plane of 16 bytes, four registers each (NF4Weight.code_planes rows 16-23, 0-7). A
+    word's 8 nibbles, as prmt selectors (n & 7), pick 4 low bytes from entries 0-7 and 4 from 8-15
+    per prmt, blended by bit 3 of each nibble (lop3 with a byte mask made by one more prmt), the
+    same for the high bytes; one prmt per pair then interleaves low and high bytes into the mma's
+    16-bit pairs. 22 instructions per word, 8 weights. The values are the code rounded to
+    bfloat16 (2^-9 relative; bitsandbytes rounds the dequantized weight to bfloat16 as well).
+
+Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
+take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
+compiled for sm_90 in CI and checked against the reference on the GPU.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import cold_graph_bench
+from kernels.nf4_tiles import NF4Weight
+
+__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MMA_CONFIGS", "untimed_config"]
+
+MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
+
+
+def mma_fits(blocksize: int, n_cols: int) -> bool:
+    """Rows of W hold whole blocks of a multiple of 32 columns (Note [lane map])."""
+    return blocksize % 32 == 0 and n_cols % blocksize == 0
+
+
+@triton.jit
+def _lane_ids(anything):
+    """(lane, warp) of this thread; `anything` is an unused operand."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [anything], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+    tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [anything], dtype=tl.int32, is_pure=True,
+                                    pack=1)
+    return lane, tid >> 5
+
+
+@triton.jit
+def _load_words(address, VEC: tl.constexpr):
+    """VEC (1, 2 or 4) 32-bit words at byte `address` (int64, 4 VEC-aligned), streamed past L1;
+    the words beyond VEC are 0."""
+    if VEC == 4:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [address],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    elif VEC == 2:
+        w0, w1 = tl.inline_asm_elementwise(
+            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [address],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        w2 = w0 * 0
+        w3 = w0 * 0
+    else:
+        w0 = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l", [address],
+                                       dtype=tl.int32, is_pure=True, pack=1)
+        w1 = w0 * 0
+        w2 = w0 * 0
+        w3 = w0 * 0
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _load_x16(address):
+    """16 bytes (4 pairs of 16-bit x values) at byte `address` (int64, 16-aligned)."""
+    return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [address],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+# Selectors s = nibbles & 7 (low half of the word: elements 1, 0, 3, 2 in prmt bytes 0..3; high half:
+# 5, 4, 7, 6). Blend masks: byte k = 0xFF where bit 3 of nibble k is set, by prmt's sign mode
+# (selector bit 3: the chosen byte's top bit, replicated): a high nibble's bit 3 is its byte's
+# top bit, a low nibble's is the top bit of that byte of w << 4. lop3 0xD8 is (l0 & ~m) | (l1 & m).
+# Pairs: bytes (lo e0, hi e0, lo e1, hi e1) = prmt 0x4051 of (wl, wh), (e2, e3) = 0x6273.
+_PAIR_ASM = tl.constexpr("""{
+    .reg .b32 s, sb, w4, ma, mb, l0, l1, h0, h1, wl, wh;
+    and.b32 s, $4, 0x77777777;
+    shr.u32 sb, s, 16;
+    shl.b32 w4, $4, 4;
+    prmt.b32 ma, $4, w4, 0x9D8C;
+    prmt.b32 mb, $4, w4, 0xBFAE;
+    prmt.b32 l0, $5, $6, s;
+    prmt.b32 l1, $7, $8, s;
+    lop3.b32 wl, l0, l1, ma, 0xD8;
+    prmt.b32 h0, $9, $10, s;
+    prmt.b32 h1, $11, $12, s;
+    lop3.b32 wh, h0, h1, ma, 0xD8;
+    prmt.b32 $0, wl, wh, 0x4051;
+    prmt.b32 $1, wl, wh, 0x6273;
+    prmt.b32 l0, $5, $6, sb;
+    prmt.b32 l1, $7, $8, sb;
+    lop3.b32 wl, l0, l1, mb, 0xD8;
+    prmt.b32 h0, $9, $10, sb;
+    prmt.b32 h1, $11, $12, sb;
+    lop3.b32 wh, h0, h1, mb, 0xD8;
+    prmt.b32 $2, wl, wh, 0x4051;
+    prmt.b32 $3, wl, wh, 0x6273;
+}""")
+
+
+@triton.jit
+def _pairs(word, p0, p1, p2, p3, p4, p5, p6, p7):
+    """The 8 codes of a word as 4 registers of 16-bit pairs (elements (0, 1), (2, 3), (4, 5), (6, 7))."""
+    return tl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                     [word, p0, p1, p2, p3, p4, p5, p6, p7],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FLOAT16: tl.constexpr):
+    """D = A @ B + C, one m16n8k16 with float32 accumulators (Note [lane map])."""
+    if FLOAT16:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _store2(address, v0, v1, valid):
+    """Two float32 at byte `address` (int64, 8-aligned) where `valid` != 0; returns a dummy."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        setp.ne.b32 p, $3, 0;
+        @p st.global.v2.f32 [$1], {$2, $4};
+        mov.b32 $0, 0;
+        }""", "=r,l,f,r,f", [address, v0, valid, v1], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP: tl.constexpr, BLOCKSIZE: tl.constexpr,
+           VEC: tl.constexpr):
+    """The loads of one group that are issued an iteration ahead: this lane's words of rows g and
+    g + 8 at byte addresses w_at, w8_at, and the absmax entries of their blocks (uint8 codes with
+    double quant, else float32 scales); row_block, row8_block: the rows' first blocks."""
+    block = group * GROUP // BLOCKSIZE
+    return (_load_words(w_at, VEC), _load_words(w8_at, VEC), tl.load(absmax_ptr + row_block + block),
+            tl.load(absmax_ptr + row8_block + block), block)
+
+
+@triton.jit
+def _fetch_groups(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP: tl.constexpr,
+                  BLOCKSIZE: tl.constexpr, VEC: tl.constexpr, UNROLL: tl.constexpr):
+    """_fetch of UNROLL (2 or 4) consecutive groups from `group` on."""
+    W_BYTES: tl.constexpr = 16 * VEC
+    f0 = _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC)
+    f1 = _fetch(w_at + W_BYTES, w8_at + W_BYTES, absmax_ptr, row_block, row8_block, group + 1, GROUP, BLOCKSIZE, VEC)
+    if UNROLL == 2:
+        fetched = (f0, f1)
+    else:
+        f2 = _fetch(w_at + 2 * W_BYTES, w8_at + 2 * W_BYTES, absmax_ptr, row_block, row8_block, group + 2, GROUP,
+                    BLOCKSIZE, VEC)
+        f3 = _fetch(w_at + 3 * W_BYTES, w8_at + 3 * W_BYTES, absmax_ptr, row_block, row8_block, group + 3, GROUP,
+                    BLOCKSIZE, VEC)
+        fetched = (f0, f1, f2, f3)
+    return fetched
+
+
+@triton.jit
+def _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT: tl.constexpr):
+    """float32 scale of block `block` from its absmax entry (this lane's own scalar)."""
+    if DOUBLE_QUANT:
+        return tl.load(nested_code_ptr + entry.to(tl.int32)) * tl.load(nested_absmax_ptr + (block >> 8)) + shift
+    else:
+        return entry
+
+
+@triton.jit
+def _group(acc, fetched, x_at, x8_at, row_block, row8_block, nested_absmax_ptr, nested_code_ptr, shift, planes,
+           VEC: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """acc (8 float32: C of column tiles 0 and 1) += scale * (the group's mmas); `fetched` from _fetch,
+    x_at, x8_at: byte addresses of this lane's x in rows g, g + 8 of x (the second with M_TILES 2)."""
+    wg, wg8, entry, entry8, block = fetched
+    p0, p1, p2, p3, p4, p5, p6, p7 = planes
+    x = _x_group(x_at, VEC)
+    if M_TILES == 2:
+        x8 = _x_group(x8_at, VEC)
+    else:
+        x8 = x
+    sg = _scale(entry, row_block + block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
+    sg8 = _scale(entry8, row8_block + block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
+    z = 0.0
+    t0, t1, t2, t3 = z, z, z, z
+    u0, u1, u2, u3 = z, z, z, z
+    for v in tl.static_range(VEC):
+        a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
+        b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
+        t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
+        t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
+        if M_TILES == 2:
+            u0, u1, u2, u3 = _mma(a01, b01, a23, b23, x8[4 * v], x8[4 * v + 1], u0, u1, u2, u3, FLOAT16)
+            u0, u1, u2, u3 = _mma(a45, b45, a67, b67, x8[4 * v + 2], x8[4 * v + 3], u0, u1, u2, u3, FLOAT16)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
+    acc0 += t0 * sg
+    acc1 += t1 * sg
+    acc2 += t2 * sg8
+    acc3 += t3 * sg8
+    if M_TILES == 2:
+        acc4 += u0 * sg
+        acc5 += u1 * sg
+        acc6 += u2 * sg8
+        acc7 += u3 * sg8
+    return (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
+@triton.jit
+def _x_group(at, VEC: tl.constexpr):
+    """This lane's 4 VEC pair registers of x at byte `at` (a 16-tuple padded with zeros)."""
+    x0, x1, x2, x3 = _load_x16(at)
+    if VEC >= 2:
+        x4, x5, x6, x7 = _load_x16(at + 16)
+    else:
+        x4, x5, x6, x7 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
+    if VEC == 4:
+        x8, x9, x10, x11 = _load_x16(at + 32)
+        x12, x13, x14, x15 = _load_x16(at + 48)
+    else:
+        x8, x9, x10, x11 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
+        x12, x13, x14, x15 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
+    return (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+
+
+@triton.jit
+def _mma_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_planes_ptr, bias_ptr,
+    scratch_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+    KSPLIT: tl.constexpr, UNROLL: tl.constexpr,
+):
+    VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
+    GROUP: tl.constexpr = 32 * VEC  # columns of K per group
+    W_BYTES: tl.constexpr = 16 * VEC  # bytes of a group's row of W
+    X_BYTES: tl.constexpr = 64 * VEC  # bytes of a group's row of x
+    tile = tl.program_id(0)
+    lane, warp = _lane_ids(tile)
+    g = lane >> 2
+    t = lane & 3
+    # Each lane reads its own copy of the planes, so that ptxas keeps them in per-lane registers.
+    at = code_planes_ptr + (0 if FLOAT16 else 16 * 32) + lane
+    planes = (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
+              tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
+    if DOUBLE_QUANT and OFFSET_IS_POINTER:
+        shift = tl.load(offset)
+    else:
+        shift = offset
+    row_g = tl.minimum(tile * 16 + g, N - 1)  # rows past N read row N - 1; their sums are dropped
+    row_g8 = tl.minimum(tile * 16 + g + 8, N - 1)
+    row_block = row_g * (K // BLOCKSIZE)  # the rows' first blocks
+    row8_block = row_g8 * (K // BLOCKSIZE)
+    n_groups = K // GROUP
+    per_warp = tl.cdiv(n_groups, KSPLIT)
+    group = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [group, group + count)
+    count = tl.minimum(group + per_warp, n_groups) - group
+    # Byte addresses of this lane's words and x values in the current group.
+    w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
+    w8_at = w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)
+    # Lanes of columns g >= M read row M - 1 of x: columns of y that are never stored.
+    x_lane = x_ptr.to(tl.int64) + group * X_BYTES + t * (16 * VEC)
+    x_at = x_lane + tl.minimum(g, M - 1).to(tl.int64) * stride_xm * 2
+    x8_at = x_lane + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm * 2
+    z = 0.0
+    acc = (z, z, z, z, z, z, z, z)
+    # Note [fetch ahead]: each iteration issues the next one's words and absmax entries before its
+    # own math, so a warp keeps its loads in flight while it computes.
+    n_iter = count // UNROLL
+    fetched = _fetch_groups(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC, UNROLL)
+    for it in range(n_iter):
+        current = fetched
+        ahead = tl.where(it + 1 < n_iter, UNROLL, 0)  # the last iteration fetches its own groups again
+        fetched = _fetch_groups(w_at + ahead * W_BYTES, w8_at + ahead * W_BYTES, absmax_ptr, row_block,
+                                row8_block, group + ahead, GROUP, BLOCKSIZE, VEC, UNROLL)
+        for u in tl.static_range(UNROLL):
+            acc = _group(acc, current[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, row_block, row8_block,
+                         nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, M_TILES, FLOAT16, DOUBLE_QUANT)
+        w_at += UNROLL * W_BYTES
+        w8_at += UNROLL * W_BYTES
+        x_at += UNROLL * X_BYTES
+        x8_at += UNROLL * X_BYTES
+        group += UNROLL
+    for _ in range(count % UNROLL):
+        acc = _group(acc, _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC),
+                     x_at, x8_at, row_block, row8_block, nested_absmax_ptr, nested_code_ptr, shift, planes,
+                     VEC, M_TILES, FLOAT16, DOUBLE_QUANT)
+        w_at += W_BYTES
+        w8_at += W_BYTES
+        x_at += X_BYTES
+        x8_at += X_BYTES
+        group += 1
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
+    # The warps' partial sums of the tile, (KSPLIT, 16 rows, 16 columns of y.T) float32 per program.
+    M_PAD: tl.constexpr = 8 * M_TILES
+    part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * 16 * M_PAD).to(tl.int64) * 4
+    col = 2 * t
+    _store2(part + (g * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
+    _store2(part + ((g + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
+    if M_TILES == 2:
+        _store2(part + (g * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
+        _store2(part + ((g + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
+    tl.debug_barrier()
+    warps = tl.arange(0, KSPLIT)
+    rows = tl.arange(0, 16)
+    cols = tl.arange(0, M_PAD)
+    parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * 16 + rows[None, :, None]) * M_PAD
+                    + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, 16, M_PAD)
+    y = tl.sum(parts, axis=0)  # (16, M_PAD): y.T
+    out_rows = tile * 16 + rows
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
+             y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
+
+
+# (warps per 16-row tile, each taking a part of K; groups per loop iteration), timed per shape.
+MMA_CONFIGS = [(ksplit, unroll) for ksplit in (1, 2, 4, 8, 16) for unroll in (2, 4)]
+_CHOSEN: dict[tuple, tuple[int, int]] = {}
+
+
+def untimed_config(n_rows: int) -> tuple[int, int]:
+    """A config without timing: about 4096 warps in all (the measured winners on the H100 are within
+    one step of it, benchmarks/RESULTS.md), 4 groups per iteration."""
+    tiles = triton.cdiv(n_rows, 16)
+    return min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4
+
+
+def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor, config) -> None:
+    ksplit, unroll = config
+    m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
+    m_tiles = 1 if m <= 8 else 2
+    tiles = triton.cdiv(n, 16)
+    scratch = torch.empty(tiles * ksplit * 16 * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
+    _mma_gemv_kernel[(tiles,)](
+        x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+        weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
+        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
+        HAS_BIAS=bias is not None, M_TILES=m_tiles, FLOAT16=x2d.dtype == torch.float16, KSPLIT=ksplit,
+        UNROLL=unroll, num_warps=ksplit, num_stages=1)
+
+
+def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+             config: tuple[int, int] | None = None) -> torch.Tensor:
+    """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
+    16 bytes, and mma_fits(W). config (ksplit, unroll): None times MMA_CONFIGS once per shape
+    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest."""
+    if config is None:
+        key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
+               bias is not None, x2d.device)
+        config = _CHOSEN.get(key)
+        if config is None and torch.cuda.is_current_stream_capturing():
+            config = untimed_config(weight.n_rows)  # nothing can be timed while a CUDA graph is captured
+        elif config is None:
+            times = {c: cold_graph_bench(lambda c=c: _launch(x2d, weight, bias, out, c)) for c in MMA_CONFIGS}
+            config = _CHOSEN[key] = min(times, key=times.get)
+    _launch(x2d, weight, bias, out, config)
+    return out

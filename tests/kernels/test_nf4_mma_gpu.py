@@ -1,0 +1,50 @@
+"""The tensor-core small-M kernel (kernels/nf4_mma.py) against the plain-PyTorch reference, on the GPU.
+
+It is inline PTX with per-lane semantics, which the CPU interpreter cannot run; CI compiles it for
+sm_90 (test_compile_sm90.py) and these tests check its numbers on the device:
+    PYTHONPATH=. python -m pytest -m gpu tests/kernels/test_nf4_mma_gpu.py -q
+"""
+import pytest
+import torch
+
+from kernels import nf4_mma, reference
+from kernels.nf4_tiles import nf4_weight
+from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+RTOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3}
+
+
+def _run(n_rows, n_cols, blocksize, m, dtype=torch.bfloat16, double_quant=True, bias=True, config=None):
+    packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant, device="cuda")
+    weight = reference.dequantize_nf4(packed, state, torch.float32)
+    x = torch.randn(m, n_cols, device="cuda", dtype=dtype)
+    b = torch.randn(n_rows, device="cuda", dtype=dtype) if bias else None
+    out = torch.empty(m, n_rows, device="cuda", dtype=dtype)
+    got = nf4_mma.mma_gemv(x, nf4_weight(packed, state, x.device), b, out, config)
+    assert_matmul_close(got, x, weight.T, b, RTOL[dtype])
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("n_rows,n_cols", [(4096, 4096), (333, 4096), (17, 1024), (4101, 14336)])
+def test_bf16_shapes_and_rows(n_rows, n_cols, m):
+    _run(n_rows, n_cols, 64, m)
+
+
+@pytest.mark.parametrize("config", nf4_mma.MMA_CONFIGS)
+@pytest.mark.parametrize("n_cols,blocksize", [(4160, 64), (1088, 32), (5120, 1024)])
+def test_every_config(config, n_cols, blocksize):
+    _run(1000, n_cols, blocksize, 5, config=config)  # uneven parts of K, remainder loops, many groups per block
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 1024])
+@pytest.mark.parametrize("m", [1, 16])
+def test_blocksizes(blocksize, m):
+    _run(300, 2048, blocksize, m)
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_float16_and_no_double_quant(m):
+    _run(777, 3072, 64, m, dtype=torch.float16)
+    _run(777, 3072, 64, m, double_quant=False, bias=False)

@@ -165,37 +165,16 @@ def _store2(address, v0, v1, valid):
 
 
 @triton.jit
-def _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP: tl.constexpr, BLOCKSIZE: tl.constexpr,
-           VEC: tl.constexpr):
-    """The loads of one group that are issued an iteration ahead: this lane's words of rows g and
-    g + 8 at byte addresses w_at, w8_at, and the absmax entries of their blocks (uint8 codes with
-    double quant, else float32 scales); row_block, row8_block: the rows' first blocks."""
-    block = group * GROUP // BLOCKSIZE
-    return (_load_words(w_at, VEC), _load_words(w8_at, VEC), tl.load(absmax_ptr + row_block + block),
-            tl.load(absmax_ptr + row8_block + block), block)
-
-
-@triton.jit
-def _fetch_groups(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP: tl.constexpr,
-                  BLOCKSIZE: tl.constexpr, VEC: tl.constexpr, UNROLL: tl.constexpr):
-    """_fetch of UNROLL (2 or 4) consecutive groups from `group` on."""
-    W_BYTES: tl.constexpr = 16 * VEC
-    f0 = _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC)
-    f1 = _fetch(w_at + W_BYTES, w8_at + W_BYTES, absmax_ptr, row_block, row8_block, group + 1, GROUP, BLOCKSIZE, VEC)
-    if UNROLL == 2:
-        fetched = (f0, f1)
-    else:
-        f2 = _fetch(w_at + 2 * W_BYTES, w8_at + 2 * W_BYTES, absmax_ptr, row_block, row8_block, group + 2, GROUP,
-                    BLOCKSIZE, VEC)
-        f3 = _fetch(w_at + 3 * W_BYTES, w8_at + 3 * W_BYTES, absmax_ptr, row_block, row8_block, group + 3, GROUP,
-                    BLOCKSIZE, VEC)
-        fetched = (f0, f1, f2, f3)
-    return fetched
+def _shuffle(value, source):
+    """float32 `value` of lane `source` of this warp (every lane of the warp takes part)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                     [value.to(tl.int32, bitcast=True), source], dtype=tl.int32, is_pure=True,
+                                     pack=1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT: tl.constexpr):
-    """float32 scale of block `block` from its absmax entry (this lane's own scalar)."""
+    """float32 scale of block `block` from its absmax entry (uint8 code with double quant)."""
     if DOUBLE_QUANT:
         return tl.load(nested_code_ptr + entry.to(tl.int32)) * tl.load(nested_absmax_ptr + (block >> 8)) + shift
     else:
@@ -203,19 +182,39 @@ def _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT
 
 
 @triton.jit
-def _group(acc, fetched, x_at, x8_at, row_block, row8_block, nested_absmax_ptr, nested_code_ptr, shift, planes,
-           VEC: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """acc (8 float32: C of column tiles 0 and 1) += scale * (the group's mmas); `fetched` from _fetch,
-    x_at, x8_at: byte addresses of this lane's x in rows g, g + 8 of x (the second with M_TILES 2)."""
-    wg, wg8, entry, entry8, block = fetched
+def _words(w_at, w8_at, VEC: tl.constexpr):
+    """This lane's VEC words of rows g and g + 8 in one group, at byte addresses w_at, w8_at."""
+    return (_load_words(w_at, VEC), _load_words(w8_at, VEC))
+
+
+@triton.jit
+def _fetch(w_at, w8_at, entry_at, entry8_at, VEC: tl.constexpr, UNROLL: tl.constexpr):
+    """An iteration's loads, issued one iteration ahead (Note [fetch ahead]): the words of its UNROLL
+    groups from w_at, w8_at on, and the two absmax entries this lane decodes (Note [shared scales])."""
+    W_BYTES: tl.constexpr = 16 * VEC
+    w0 = _words(w_at, w8_at, VEC)
+    w1 = _words(w_at + W_BYTES, w8_at + W_BYTES, VEC)
+    if UNROLL == 2:
+        words = (w0, w1)
+    else:
+        words = (w0, w1, _words(w_at + 2 * W_BYTES, w8_at + 2 * W_BYTES, VEC),
+                 _words(w_at + 3 * W_BYTES, w8_at + 3 * W_BYTES, VEC))
+    return words, tl.load(entry_at), tl.load(entry8_at)
+
+
+@triton.jit
+def _group(acc, words, x_at, x8_at, sg, sg8, planes, VEC: tl.constexpr, M_TILES: tl.constexpr,
+           FLOAT16: tl.constexpr):
+    """acc (8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words from _words, sg and
+    sg8 the scales of rows g and g + 8, x_at and x8_at the byte addresses of this lane's x in rows g
+    and g + 8 of x (the second with M_TILES 2)."""
+    wg, wg8 = words
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
     x = _x_group(x_at, VEC)
     if M_TILES == 2:
         x8 = _x_group(x8_at, VEC)
     else:
         x8 = x
-    sg = _scale(entry, row_block + block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
-    sg8 = _scale(entry8, row8_block + block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
     z = 0.0
     t0, t1, t2, t3 = z, z, z, z
     u0, u1, u2, u3 = z, z, z, z
@@ -238,6 +237,22 @@ def _group(acc, fetched, x_at, x8_at, row_block, row8_block, nested_absmax_ptr, 
         acc6 += u2 * sg8
         acc7 += u3 * sg8
     return (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
+@triton.jit
+def _iteration(acc, fetched, x_at, x8_at, block, block8, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
+               VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr):
+    """UNROLL groups: this lane decodes the scales of one of them (blocks `block`, `block8` of rows g
+    and g + 8) and takes the others from its quad (Note [shared scales])."""
+    X_BYTES: tl.constexpr = 64 * VEC
+    words, entry, entry8 = fetched
+    sg = _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
+    sg8 = _scale(entry8, block8, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
+    for u in tl.static_range(UNROLL):
+        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, _shuffle(sg, sources[u]),
+                     _shuffle(sg8, sources[u]), planes, VEC, M_TILES, FLOAT16)
+    return acc
 
 
 @triton.jit
@@ -299,27 +314,50 @@ def _mma_gemv_kernel(
     x8_at = x_lane + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm * 2
     z = 0.0
     acc = (z, z, z, z, z, z, z, z)
-    # Note [fetch ahead]: each iteration issues the next one's words and absmax entries before its
-    # own math, so a warp keeps its loads in flight while it computes.
+    # Note [shared scales]: in an iteration, lane t of a quad decodes the scales of group t % UNROLL
+    # (rows g and g + 8, the same for the whole quad) and the quad shuffles them: two double-quant
+    # decodes per lane and iteration instead of 2 UNROLL.
+    mine = t % UNROLL
+    quad = lane & -4
+    if UNROLL == 2:
+        sources = (quad, quad + 1)
+    else:
+        sources = (quad, quad + 1, quad + 2, quad + 3)
+    # Note [fetch ahead]: each iteration issues the next one's words and absmax entries before its own
+    # math, so a warp keeps its loads in flight while it computes; the last one is peeled off.
     n_iter = count // UNROLL
-    fetched = _fetch_groups(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC, UNROLL)
-    for it in range(n_iter):
-        current = fetched
-        ahead = tl.where(it + 1 < n_iter, UNROLL, 0)  # the last iteration fetches its own groups again
-        fetched = _fetch_groups(w_at + ahead * W_BYTES, w8_at + ahead * W_BYTES, absmax_ptr, row_block,
-                                row8_block, group + ahead, GROUP, BLOCKSIZE, VEC, UNROLL)
-        for u in tl.static_range(UNROLL):
-            acc = _group(acc, current[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, row_block, row8_block,
-                         nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, M_TILES, FLOAT16, DOUBLE_QUANT)
+    if n_iter > 0:
+        block = (group + mine) * GROUP // BLOCKSIZE
+        fetched = _fetch(w_at, w8_at, absmax_ptr + row_block + block, absmax_ptr + row8_block + block, VEC, UNROLL)
+        for _ in range(n_iter - 1):
+            current = fetched
+            next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
+            fetched = _fetch(w_at + UNROLL * W_BYTES, w8_at + UNROLL * W_BYTES, absmax_ptr + row_block + next_block,
+                             absmax_ptr + row8_block + next_block, VEC, UNROLL)
+            acc = _iteration(acc, current, x_at, x8_at, row_block + block, row8_block + block, sources,
+                             nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
+                             DOUBLE_QUANT)
+            w_at += UNROLL * W_BYTES
+            w8_at += UNROLL * W_BYTES
+            x_at += UNROLL * X_BYTES
+            x8_at += UNROLL * X_BYTES
+            group += UNROLL
+            block = next_block
+        acc = _iteration(acc, fetched, x_at, x8_at, row_block + block, row8_block + block, sources,
+                         nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
+                         DOUBLE_QUANT)
         w_at += UNROLL * W_BYTES
         w8_at += UNROLL * W_BYTES
         x_at += UNROLL * X_BYTES
         x8_at += UNROLL * X_BYTES
         group += UNROLL
-    for _ in range(count % UNROLL):
-        acc = _group(acc, _fetch(w_at, w8_at, absmax_ptr, row_block, row8_block, group, GROUP, BLOCKSIZE, VEC),
-                     x_at, x8_at, row_block, row8_block, nested_absmax_ptr, nested_code_ptr, shift, planes,
-                     VEC, M_TILES, FLOAT16, DOUBLE_QUANT)
+    for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
+        block = group * GROUP // BLOCKSIZE
+        sg = _scale(tl.load(absmax_ptr + row_block + block), row_block + block, nested_absmax_ptr, nested_code_ptr,
+                    shift, DOUBLE_QUANT)
+        sg8 = _scale(tl.load(absmax_ptr + row8_block + block), row8_block + block, nested_absmax_ptr,
+                     nested_code_ptr, shift, DOUBLE_QUANT)
+        acc = _group(acc, _words(w_at, w8_at, VEC), x_at, x8_at, sg, sg8, planes, VEC, M_TILES, FLOAT16)
         w_at += W_BYTES
         w8_at += W_BYTES
         x_at += X_BYTES

@@ -12,9 +12,21 @@ The kernel is written per thread: Triton scalars hold each lane's own values (th
 from PTX %laneid), the loads, the mma and the stores of the partial sums are inline PTX, and
 Triton's tensors appear only at the end, where the warps' partial sums are read back from
 memory. So no Triton layout conversion (shared memory, barriers) sits in the loop, and each
-weight costs ~22 / 8 byte-permute and logic instructions plus 1/8 of an mma, against ~6
-instructions per weight for the FMA kernel of kernels/nf4_gemv.py (its M = 1 loop compiled for
-sm_90: lookup, one FFMA per weight, x converted per row, x and the scales through shared memory).
+weight costs ~20 / 8 byte-permute and logic instructions plus 1/8 of an mma: 3.5 SASS instructions
+per weight in the loop (sm_90 compile, blocksize 64, 4 groups per iteration), against ~7 for the
+FMA kernel of kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the
+scales through shared memory). In an iteration the warp's next words are already loading
+(Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]).
+
+Note [what limits it]
+    Nsight Compute on the H100 (28672 x 8192, M = 1): the ALU pipe, which runs the byte permutes
+    and logic ops at half the FMA pipe's rate, is 70% busy and the issue slots 47%; DRAM is at 47%.
+    The ~20 ALU instructions per word are the lookup itself. Tried and measured, not kept (runs
+    36-38): capping registers at 80 (6 warps per scheduler instead of 5) changed nothing; a table
+    of byte -> bfloat16 pair in shared memory, one copy per lane (32 KB, conflict-free), cuts the
+    loop's ALU work 4x (3.5 -> 2.3 instructions per weight) but then the L1/shared pipe saturates
+    (the MIO queue stalls 34% of cycles: 4 table loads per word, and the W loads, which touch 8
+    rows each): 77 against 72 us; taking half the rows from each lookup: 76 us, L1 75% busy.
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g
@@ -34,7 +46,8 @@ Note [pair lookup]
     word's 8 nibbles, as prmt selectors (n & 7), pick 4 low bytes from entries 0-7 and 4 from 8-15
     per prmt, blended by bit 3 of each nibble (lop3 with a byte mask made by one more prmt), the
     same for the high bytes; one prmt per pair then interleaves low and high bytes into the mma's
-    16-bit pairs. 22 instructions per word, 8 weights. The values are the code rounded to
+    16-bit pairs. 21 instructions per word, 8 weights (the shift for the masks runs on the FMA pipe, the
+    other 20 on the ALU pipe). The values are the code rounded to
     bfloat16 (2^-9 relative; bitsandbytes rounds the dequantized weight to bfloat16 as well).
 
 Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
@@ -387,8 +400,9 @@ def _mma_gemv_kernel(
              y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
 
 
-# (warps per 16-row tile, each taking a part of K; groups per loop iteration), timed per shape.
-MMA_CONFIGS = [(ksplit, unroll) for ksplit in (1, 2, 4, 8, 16) for unroll in (2, 4)]
+# (warps per 16-row tile, each taking a part of K; groups per loop iteration), timed per shape. One
+# warp per tile never won on the H100 (runs 35-37), so it is not tried.
+MMA_CONFIGS = [(ksplit, unroll) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
 _CHOSEN: dict[tuple, tuple[int, int]] = {}
 
 

@@ -1,5 +1,10 @@
 """Small-M NF4 matmul: y = x @ W.T for M <= 16 rows of x (decode), streaming W from HBM once.
 
+kernels.matmul_nf4 takes this kernel where the tensor-core one of kernels/nf4_mma.py does not apply:
+float32 x, blocksizes that are not multiples of 32, and the CPU interpreter (which cannot run that
+kernel's per-lane PTX). On the H100 the nf4_mma kernel is 1.1-1.4x faster at M = 1 and 2.3-4.4x at
+M = 16 (benchmarks/RESULTS.md).
+
     for each program (n-tile, k-split) (in parallel):
         for k0 in this split's chunks of K (the next chunk's words loaded before this one's math):
             words = W_packed[n-tile, k0/8 : (k0 + BLOCK_K)/8]          int32, K-contiguous: 16-byte loads

@@ -15,7 +15,8 @@ measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchma
 
     M <= MMA_M_MAX       the tensor-core streaming kernel of kernels/nf4_mma.py (inline PTX: one
                          warp per 16 rows, mma.m16n8k16 on codes looked up in registers) for 16-bit x
-                         on CUDA and blocksizes that are multiples of 32 (mma_fits)
+                         on CUDA, blocksizes that are multiples of 32 and packed codes on 16 bytes
+                         (mma_fits)
     M <= GEMV_M_MAX      otherwise the streaming kernel of kernels/nf4_gemv.py (FMA at M = 1, tensor
                          cores with x padded to 16 rows above; float32 x, other blocksizes, the CPU
                          interpreter), for rows holding whole blocks; its code lookup is
@@ -76,9 +77,9 @@ from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_
 from kernels.nf4_mma import MMA_M_MAX, mma_fits, mma_gemv
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
-__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused", "matmul_nf4_dequantize",
-           "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused", "matmul_nf4_t_dequantize",
-           "split_for_small_m"]
+__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
+           "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
+           "matmul_nf4_t_dequantize", "split_for_small_m"]
 
 # Dispatch (see the module docstring). Set from H100 measurements.
 SMALL_M_MAX = GEMV_M_MAX      # M at or below: the streaming kernel
@@ -398,9 +399,9 @@ def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Ten
     _check_bias(bias, weight.n_rows, x.device)
     m, n = x2d.shape[0], weight.n_rows
     if not _mma_runs(x, weight):
-        raise ValueError(f"matmul_nf4_mma: needs float16 or bfloat16 x on CUDA (got {x.dtype} on {x.device}) and "
+        raise ValueError(f"matmul_nf4_mma: needs float16 or bfloat16 x on CUDA (got {x.dtype} on {x.device}), "
                          f"blocksize % 32 == 0 and K % blocksize == 0 (got blocksize {weight.blocksize}, "
-                         f"K {weight.n_cols})")
+                         f"K {weight.n_cols}) and packed codes starting on 16 bytes")
     if m > MMA_M_MAX:
         raise ValueError(f"matmul_nf4_mma: takes at most {MMA_M_MAX} rows of x, got {m}")
     if x2d.data_ptr() % 16 or x2d.stride(0) % 8:  # the kernel reads x 16 bytes at a time
@@ -414,7 +415,7 @@ def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Ten
 
 def _mma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:
     return (x.is_cuda and not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-            and mma_fits(weight.blocksize, weight.n_cols))
+            and mma_fits(weight.blocksize, weight.n_cols, weight.packed.data_ptr()))
 
 
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,

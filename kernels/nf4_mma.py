@@ -66,9 +66,10 @@ __all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MMA_CONFIGS", "untimed_config"]
 MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
 
 
-def mma_fits(blocksize: int, n_cols: int) -> bool:
-    """Rows of W hold whole blocks of a multiple of 32 columns (Note [lane map])."""
-    return blocksize % 32 == 0 and n_cols % blocksize == 0
+def mma_fits(blocksize: int, n_cols: int, packed_address: int = 0) -> bool:
+    """Rows of W hold whole blocks of a multiple of 32 columns (Note [lane map]) and the packed codes
+    start on 16 bytes (the kernel reads them up to 16 bytes at a time)."""
+    return blocksize % 32 == 0 and n_cols % blocksize == 0 and packed_address % 16 == 0
 
 
 @triton.jit
@@ -401,7 +402,7 @@ def _mma_gemv_kernel(
 
 
 # (warps per 16-row tile, each taking a part of K; groups per loop iteration), timed per shape. One
-# warp per tile never won on the H100 (runs 35-37), so it is not tried.
+# warp per tile never won on the H100 (runs 36-40), so it is not tried.
 MMA_CONFIGS = [(ksplit, unroll) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
 _CHOSEN: dict[tuple, tuple[int, int]] = {}
 

@@ -81,7 +81,8 @@ class NF4Weight:
     double_quant: bool
     byte_code: torch.Tensor      # float32 (256, 2): the two values a packed byte holds, high nibble first
     code_planes: torch.Tensor    # int32 (24, 32): byte planes of `code` as float16, as filled bfloat16, as bfloat16
-                                 # (kernels/nf4_gemv.py, Note [prmt lookup]), one copy per lane
+                                 # (kernels/nf4_gemv.py Note [prmt lookup], kernels/nf4_mma.py Note [pair
+                                 # lookup]), one copy per lane
 
     @property
     def offset_is_pointer(self) -> bool:
@@ -174,9 +175,10 @@ _CODE_TABLES_MAX = 16
 
 def _code_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (256, 2) byte -> two values table and the (24, 32) int32 prmt planes of a (16,) float32
-    code (Note [prmt lookup] in kernels/nf4_gemv.py, Note [pair lookup] in kernels/nf4_mma.py). Built by a dozen small kernels, so cached per
-    code tensor: a raw QuantState passed on every call (not kernels.prepare'd) pays it once. Not
-    cached while a CUDA graph is being captured (the tables would be written only on replay)."""
+    code (Note [prmt lookup] in kernels/nf4_gemv.py, Note [pair lookup] in kernels/nf4_mma.py).
+    Built by a dozen small kernels, so cached per code tensor: a raw QuantState passed on every call
+    (not kernels.prepare'd) pays it once. Not cached while a CUDA graph is being captured (the
+    tables would be written only on replay)."""
     key = (code.device, code.data_ptr(), code._version)
     capturing = code.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and key in _CODE_TABLES:

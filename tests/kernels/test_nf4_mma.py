@@ -27,10 +27,11 @@ def test_bfloat16_planes_hold_the_code_rounded_to_bfloat16_in_every_lane():
     assert torch.equal(_plane_values(planes[:8]), NF4_CODE.half().view(torch.int16).to(torch.int32) & 0xFFFF)
 
 
-@pytest.mark.parametrize("blocksize,n_cols,fits", [(64, 4096, True), (32, 96, True), (256, 14336, True),
-                                                   (16, 4096, False), (48, 4800, False), (64, 4100, False)])
-def test_mma_fits(blocksize, n_cols, fits):
-    assert nf4_mma.mma_fits(blocksize, n_cols) is fits
+@pytest.mark.parametrize("blocksize,n_cols,address,fits", [
+    (64, 4096, 0, True), (32, 96, 256, True), (256, 14336, 16, True),
+    (16, 4096, 0, False), (48, 4800, 0, False), (64, 4100, 0, False), (64, 4096, 8, False)])
+def test_mma_fits(blocksize, n_cols, address, fits):
+    assert nf4_mma.mma_fits(blocksize, n_cols, address) is fits
 
 
 @pytest.mark.parametrize("n_rows,warps", [(17, 16), (4096, 16), (8192, 8), (14336, 4), (28672, 2), (128256, 2)])
@@ -42,7 +43,7 @@ def test_untimed_config_aims_at_about_4096_warps(n_rows, warps):
 def test_matmul_nf4_mma_says_what_it_needs():
     packed, state = random_nf4(32, 128)
     x = torch.randn(1, 128, dtype=torch.float16)
-    with pytest.raises(ValueError, match="needs float16 or bfloat16 x on CUDA .* blocksize 64, K 128"):
+    with pytest.raises(ValueError, match="needs float16 or bfloat16 x on CUDA .* blocksize 64, K 128.* 16 bytes"):
         nf4_matmul.matmul_nf4_mma(x, packed, state)  # a CPU tensor (here under the interpreter)
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
         nf4_matmul.matmul_nf4_mma(x, packed, state, torch.zeros(31, dtype=torch.float16))

@@ -7,7 +7,8 @@ sm_90 (test_compile_sm90.py) and these tests check its numbers on the device:
 import pytest
 import torch
 
-from kernels import nf4_mma, reference
+import kernels
+from kernels import nf4_matmul, nf4_mma, reference
 from kernels.nf4_tiles import nf4_weight
 from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
 
@@ -48,3 +49,13 @@ def test_blocksizes(blocksize, m):
 def test_float16_and_no_double_quant(m):
     _run(777, 3072, 64, m, dtype=torch.float16)
     _run(777, 3072, 64, m, double_quant=False, bias=False)
+
+
+def test_packed_codes_off_16_bytes_take_the_triton_gemv():
+    packed, state = random_nf4(256, 1024, 64, True, device="cuda")
+    shifted = torch.empty(packed.numel() + 8, dtype=torch.uint8, device="cuda")[8:]  # starts 8 bytes past 16
+    shifted.copy_(packed.reshape(-1))
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert not nf4_matmul._mma_runs(x, nf4_weight(shifted, state, x.device))
+    weight = reference.dequantize_nf4(packed, state, torch.float32)
+    assert_matmul_close(kernels.matmul_nf4(x, shifted, state), x, weight.T, None, RTOL[torch.bfloat16])

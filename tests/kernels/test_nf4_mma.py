@@ -1,9 +1,11 @@
 """What of the tensor-core small-M kernel (kernels/nf4_mma.py) can be checked without a GPU.
 
 Its PTX runs only on the device (test_nf4_mma_gpu.py checks its numbers, test_compile_sm90.py
-compiles it here); on the CPU: the bfloat16 planes its lookup reads, when it applies, the untimed
-config, and the errors of matmul_nf4_mma.
+compiles it here); on the CPU: the planes its lookup reads, the PTX of that lookup (run by a small
+interpreter of the five instructions it uses), when the kernel applies, the untimed config, and
+the errors of matmul_nf4_mma.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -55,3 +57,62 @@ def test_matmul_nf4_keeps_the_interpreter_on_the_triton_gemv():
     assert not nf4_matmul._mma_runs(x, kernels.prepare(packed, state))
     want = x.double() @ kernels.reference.dequantize_nf4(packed, state, torch.float64).T
     torch.testing.assert_close(kernels.matmul_nf4(x, packed, state).double(), want, rtol=2e-3, atol=2e-3)
+
+
+def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the straight-line b32 PTX of a lookup (and, shr, shl, prmt, lop3) on uint32 arrays;
+    registers are `$n` or names, immediates are hex or decimal."""
+    regs = dict(inputs)
+
+    def value(token: str) -> np.ndarray:
+        return regs[token] if token in regs else np.uint64(int(token, 0))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith((".reg", "{", "}")):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a, b, c = (value(s) for s in (src + ["0", "0"])[:3])
+        if op == "and.b32":
+            out = a & b
+        elif op == "shr.u32":
+            out = a >> b
+        elif op == "shl.b32":
+            out = (a << b) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            lut = int(src[3], 0)
+            out = np.zeros_like(a + b + c)
+            for index in range(8):  # truth-table entry (a bit, b bit, c bit) = (index >> 2, >> 1, >> 0) & 1
+                if lut >> index & 1:
+                    pick = [(x if index >> (2 - i) & 1 else ~x & 0xFFFFFFFF) for i, x in enumerate((a, b, c))]
+                    out |= pick[0] & pick[1] & pick[2]
+        elif op == "prmt.b32":
+            source = (b << 32) | a  # bytes 0-3 from a, 4-7 from b
+            out = np.zeros_like(a + b + c)
+            for k in range(4):
+                selector = (c >> (4 * k)) & 0xF
+                byte = (source >> (8 * (selector & 7))) & 0xFF
+                byte = np.where(selector & 8, np.where(byte & 0x80, 0xFF, 0), byte)  # sign mode
+                out |= byte.astype(np.uint64) << (8 * k)
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+        regs[dst] = np.asarray(out, dtype=np.uint64) & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_pair_lookup_ptx_gives_each_byte_its_two_codes_in_order(float16):
+    rows = slice(0, 8) if float16 else slice(16, 24)  # NF4Weight.code_planes: float16, then bfloat16 planes
+    planes = kernels.prepare(*random_nf4(8, 64)).code_planes[rows, 0]  # lane 0's copy
+    words = np.concatenate([np.random.default_rng(0).integers(0, 2 ** 32, 4000, dtype=np.uint64),
+                            np.array([0x01234567 * k & 0xFFFFFFFF for k in range(16)], dtype=np.uint64),
+                            np.array([0xFEDCBA98, 0x89ABCDEF, 0, 0xFFFFFFFF], dtype=np.uint64)])
+    inputs = {"$4": words}
+    inputs.update({f"${5 + i}": np.full_like(words, int(planes[i]) & 0xFFFFFFFF) for i in range(8)})
+    regs = _run_ptx(nf4_mma._PAIR_ASM.value, inputs)
+    table = (NF4_CODE.half() if float16 else NF4_CODE.bfloat16()).view(torch.int16).numpy().astype(np.uint64) & 0xFFFF
+    for pair in range(4):  # register $pair: elements 2 pair (low half) and 2 pair + 1; byte i = (high, low) nibble
+        byte = (words >> (8 * pair)) & 0xFF
+        want = table[(byte >> 4).astype(np.int64)] | (table[(byte & 0xF).astype(np.int64)] << 16)
+        np.testing.assert_array_equal(regs[f"${pair}"], want)

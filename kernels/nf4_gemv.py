@@ -100,12 +100,19 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4
 # lop3 0xD8 is (l0 & ~m) | (l1 & m). float16: selector 0x5140 packs (lo0, hi0, lo1, hi1), a pair
 # of float16s. Filled bfloat16: 0x40CC puts (fill, fill, lo0, hi0), fill = sign mode on hi0 (0xC).
 _PRMT_LOOKUP = """
-    prmt.b32 l0, $9, $10, {s};
-    prmt.b32 l1, $11, $12, {s};
+    prmt.b32 l0, ${p0}, ${p1}, {s};
+    prmt.b32 l1, ${p2}, ${p3}, {s};
     lop3.b32 wl, l0, l1, {m}, 0xD8;
-    prmt.b32 h0, $13, $14, {s};
-    prmt.b32 h1, $15, $16, {s};
+    prmt.b32 h0, ${p4}, ${p5}, {s};
+    prmt.b32 h1, ${p6}, ${p7}, {s};
     lop3.b32 wh, h0, h1, {m}, 0xD8;"""
+
+
+def prmt_lookup(selector: str, mask: str, first_plane: int) -> str:
+    """PTX: the low bytes (wl) and high bytes (wh) of the 4 codes whose nibbles (& 7) are in the low
+    16 bits of register `selector`, blended by `mask`; the 8 planes are operands $first_plane on.
+    Also used by kernels/nf4_mma.py (Note [pair lookup])."""
+    return _PRMT_LOOKUP.format(s=selector, m=mask, **{f"p{i}": first_plane + i for i in range(8)})
 _F16_VALUES = """
     prmt.b32 v, wl, wh, 0x5140;
     mov.b32 {{a, b}}, v;
@@ -133,8 +140,8 @@ def _prmt_asm(values: str) -> str:
     shr.u32 tb, $8, 19;
     prmt.b32 ma, 0xFF00FF00, 0xFF00FF00, t;
     prmt.b32 mb, 0xFF00FF00, 0xFF00FF00, tb;""" \
-        + (_PRMT_LOOKUP + values).format(s="s", m="ma", e0=0, e1=1, e2=2, e3=3) \
-        + (_PRMT_LOOKUP + values).format(s="sb", m="mb", e0=4, e1=5, e2=6, e3=7) + "\n}"
+        + prmt_lookup("s", "ma", 9) + values.format(e0=0, e1=1, e2=2, e3=3) \
+        + prmt_lookup("sb", "mb", 9) + values.format(e0=4, e1=5, e2=6, e3=7) + "\n}"
 
 
 _PRMT_F16_ASM = tl.constexpr(_prmt_asm(_F16_VALUES))

@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import cold_graph_bench
+from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MMA_CONFIGS", "untimed_config"]
@@ -117,30 +118,17 @@ def _load_x16(address):
 # (selector bit 3: the chosen byte's top bit, replicated): a high nibble's bit 3 is its byte's
 # top bit, a low nibble's is the top bit of that byte of w << 4. lop3 0xD8 is (l0 & ~m) | (l1 & m).
 # Pairs: bytes (lo e0, hi e0, lo e1, hi e1) = prmt 0x4051 of (wl, wh), (e2, e3) = 0x6273.
+_PAIR_VALUES = """
+    prmt.b32 ${e0}, wl, wh, 0x4051;
+    prmt.b32 ${e1}, wl, wh, 0x6273;"""
 _PAIR_ASM = tl.constexpr("""{
     .reg .b32 s, sb, w4, ma, mb, l0, l1, h0, h1, wl, wh;
     and.b32 s, $4, 0x77777777;
     shr.u32 sb, s, 16;
     shl.b32 w4, $4, 4;
     prmt.b32 ma, $4, w4, 0x9D8C;
-    prmt.b32 mb, $4, w4, 0xBFAE;
-    prmt.b32 l0, $5, $6, s;
-    prmt.b32 l1, $7, $8, s;
-    lop3.b32 wl, l0, l1, ma, 0xD8;
-    prmt.b32 h0, $9, $10, s;
-    prmt.b32 h1, $11, $12, s;
-    lop3.b32 wh, h0, h1, ma, 0xD8;
-    prmt.b32 $0, wl, wh, 0x4051;
-    prmt.b32 $1, wl, wh, 0x6273;
-    prmt.b32 l0, $5, $6, sb;
-    prmt.b32 l1, $7, $8, sb;
-    lop3.b32 wl, l0, l1, mb, 0xD8;
-    prmt.b32 h0, $9, $10, sb;
-    prmt.b32 h1, $11, $12, sb;
-    lop3.b32 wh, h0, h1, mb, 0xD8;
-    prmt.b32 $2, wl, wh, 0x4051;
-    prmt.b32 $3, wl, wh, 0x6273;
-}""")
+    prmt.b32 mb, $4, w4, 0xBFAE;""" + prmt_lookup("s", "ma", 5) + _PAIR_VALUES.format(e0=0, e1=1)
+                         + prmt_lookup("sb", "mb", 5) + _PAIR_VALUES.format(e0=2, e1=3) + "\n}")
 
 
 @triton.jit
@@ -151,19 +139,21 @@ def _pairs(word, p0, p1, p2, p3, p4, p5, p6, p7):
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, " \
+       "{{$10, $11, $12, $13}};"
+_MMA_F16 = tl.constexpr(_MMA.format(t="f16"))
+_MMA_BF16 = tl.constexpr(_MMA.format(t="bf16"))
+
+
 @triton.jit
 def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FLOAT16: tl.constexpr):
     """D = A @ B + C, one m16n8k16 with float32 accumulators (Note [lane map])."""
     if FLOAT16:
-        return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        asm: tl.constexpr = _MMA_F16
     else:
-        return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        asm: tl.constexpr = _MMA_BF16
+    return tl.inline_asm_elementwise(asm, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
 
 @triton.jit

@@ -372,7 +372,9 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     weight = nf4_weight(packed, state, x.device)
     m = math.prod(x.shape[:-1])
     if m <= MMA_M_MAX and _mma_runs(x, weight):
-        return matmul_nf4_mma(x, packed, weight, bias)
+        x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
+        _check_bias(bias, weight.n_rows, x.device)
+        return _mma_forward(x2d, weight, bias, None).view(*x.shape[:-1], weight.n_rows)
     if m <= SMALL_M_MAX and _gemv_fits(weight):
         return matmul_nf4_gemv(x, packed, weight, bias)
     if not weight.whole_blocks:
@@ -397,20 +399,24 @@ def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Ten
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4_mma", "in_features of the NF4 weight")
     _check_bias(bias, weight.n_rows, x.device)
-    m, n = x2d.shape[0], weight.n_rows
     if not _mma_runs(x, weight):
         raise ValueError(f"matmul_nf4_mma: needs float16 or bfloat16 x on CUDA (got {x.dtype} on {x.device}), "
                          f"blocksize % 32 == 0 and K % blocksize == 0 (got blocksize {weight.blocksize}, "
                          f"K {weight.n_cols}) and packed codes starting on 16 bytes")
-    if m > MMA_M_MAX:
-        raise ValueError(f"matmul_nf4_mma: takes at most {MMA_M_MAX} rows of x, got {m}")
+    if x2d.shape[0] > MMA_M_MAX:
+        raise ValueError(f"matmul_nf4_mma: takes at most {MMA_M_MAX} rows of x, got {x2d.shape[0]}")
+    return _mma_forward(x2d, weight, bias, config).view(*x.shape[:-1], weight.n_rows)
+
+
+def _mma_forward(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config) -> torch.Tensor:
+    """(M, N) = x2d (M, K) @ W.T (+ bias) once the inputs are checked (by matmul_nf4 or matmul_nf4_mma)."""
     if x2d.data_ptr() % 16 or x2d.stride(0) % 8:  # the kernel reads x 16 bytes at a time
         x2d = x2d.clone(memory_format=torch.contiguous_format)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m > 0:
-        with on_device(x.device):
+    out = torch.empty((x2d.shape[0], weight.n_rows), dtype=x2d.dtype, device=x2d.device)
+    if x2d.shape[0] > 0:
+        with on_device(x2d.device):
             mma_gemv(x2d, weight, bias, out, config)
-    return out.view(*x.shape[:-1], n)
+    return out
 
 
 def _mma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:

@@ -1,6 +1,7 @@
 """Triton kernels: NF4 dequantization and fused dequant-matmul, rotary embeddings.
 
     kernels.dequantize_nf4(packed, state, dtype=torch.bfloat16) -> W (N, K)
+    kernels.dequantize_nf4_lowrank(packed, state, b, a, s, dtype) -> W + s b @ a (N, K), one pass
     kernels.matmul_nf4(x, packed, state, bias=None)             -> x @ W.T (+ bias)   (..., K) -> (..., N)
     kernels.matmul_nf4_t(g, packed, state)                      -> g @ W              (..., N) -> (..., K)
     kernels.apply_rotary(x, cos, sin)                           x * cos + rotate_half(x) * sin, fused
@@ -18,7 +19,7 @@ import torch
 
 from kernels import reference
 
-__all__ = ["available", "prepare", "dequantize_nf4", "matmul_nf4", "matmul_nf4_t", "apply_rotary", "reference"]
+__all__ = ["available", "prepare", "dequantize_nf4", "dequantize_nf4_lowrank", "matmul_nf4", "matmul_nf4_t", "apply_rotary", "reference"]
 
 
 def available() -> bool:
@@ -44,6 +45,13 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloa
     """W as an (N, K) tensor of `dtype`, equal to kernels.reference.dequantize_nf4 bit for bit."""
     from kernels.nf4_dequant import dequantize_nf4 as run
     return run(packed, state, dtype)
+
+
+def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,
+                           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W + scaling * lora_b @ lora_a as an (N, K) tensor of `dtype`, in one pass (kernels/nf4_lowrank.py)."""
+    from kernels.nf4_lowrank import dequantize_nf4_lowrank as run
+    return run(packed, state, lora_b, lora_a, scaling, dtype)
 
 
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:

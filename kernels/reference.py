@@ -20,7 +20,7 @@ nested_code, offset, code, blocksize, shape` (quant.QuantState has exactly these
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "matmul_nf4",
+__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "dequantize_nf4_lowrank", "matmul_nf4",
            "matmul_nf4_t", "apply_rotary"]
 
 NESTED_BLOCKSIZE = 256  # first-level blocks per second-level (double-quant) block
@@ -52,6 +52,15 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloa
     block_of = torch.arange(numel, device=packed.device) // state.blocksize  # (N*K,)
     values = state.code.float()[nibbles] * block_scales(state)[block_of]  # (N*K,) float32
     return values.to(dtype).view(n_rows, n_cols)
+
+
+def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lora_a: torch.Tensor,
+                           scaling: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """kernels/nf4_lowrank.py: W + scaling * lora_b @ lora_a in float32, rounded once to `dtype`;
+    lora_b (N, r) and lora_a (r, K) enter the product rounded to `dtype`."""
+    weight = dequantize_nf4(packed, state, torch.float32)  # (N, K)
+    delta = lora_b.to(dtype).float() @ lora_a.to(dtype).float()  # (N, K)
+    return (weight + scaling * delta).to(dtype)
 
 
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_matmul, nf4_mma, rotary
+    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_matmul, nf4_mma, rotary
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -37,6 +37,8 @@ def _compile_all() -> list[dict]:
             elif isinstance(args[name], torch.dtype):
                 signature[name] = "*" + names[args[name]]
                 attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(args[name], float):
+                signature[name] = "fp32"
             else:
                 signature[name] = "i32"
                 if args[name] % 16 == 0:  # as Triton specializes such arguments at run time
@@ -103,6 +105,11 @@ def _compile_all() -> list[dict]:
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))
+    for i, config in enumerate(nf4_lowrank._CONFIGS):  # every config; float16 / float32 and blocksize 256 once
+        dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64), (torch.bfloat16, 32))[i % 4]
+        run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize}", nf4_lowrank._lowrank_kernel.fn,
+            dict(weight, b_ptr=torch.float32, a_ptr=torch.float32, out_ptr=dtype, N=4096, K=4096, R=16, scaling=2.0),
+            dict(fmt, BLOCKSIZE=blocksize, R_PAD=16, DOT_FP32=dtype == torch.float32), config)
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
             dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,
@@ -133,7 +140,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 39
+    assert len(results) == 45
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

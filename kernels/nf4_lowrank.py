@@ -1,0 +1,141 @@
+"""NF4 dequantization plus a low-rank term: W' = dequantize(W) + s * B @ A, one pass, (N, K) out.
+
+    for each (BLOCK_N, BLOCK_K) tile of W (in parallel):
+        w     = code[nibbles] * scale[row, block]           float32, as kernels/nf4_dequant.py
+        delta = B[rows, :] @ A[:, cols]                     tl.dot, float32 sum over the rank
+        out   = (w + s * delta).to(dtype)                   rounded once
+
+B (N, r) and A (r, K) are a LoRA adapter (lora/function.py uses this for the input gradient of a
+QLoRA layer: g @ W' = g @ W + s (g B) A, Note [merged input gradient] there). The dequantization
+writes every weight anyway, so adding the rank-r term costs r / 2 tensor-core multiply-adds per
+weight and the reads of A and B, not a pass over an (M, K) tensor.
+
+The w part equals kernels.reference.dequantize_nf4 before its rounding: the kernel is launched
+with fp fusion off, so the scale decode and code * scale are separately rounded float32 ops, and
+w + s * delta is a rounded multiply then a rounded add. A and B enter the product rounded to the
+output dtype (bfloat16 / float16: tensor cores, float32 sums); for a float32 output, and under
+the CPU interpreter (whose bfloat16 is unreliable, REFERENCE.md), the wrapper rounds them and the
+kernel multiplies in float32.
+
+Needs rows of whole blocks (K % blocksize == 0); kernels.reference
+.dequantize_nf4_lowrank is the same math for everything else (the wrapper falls back to it).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import Tuned, cold_graph_bench
+from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
+
+__all__ = ["dequantize_nf4_lowrank", "lowrank_fits"]
+
+_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
+            for n, k, w in ((32, 256, 4), (64, 128, 4), (16, 256, 2), (16, 512, 4), (32, 512, 8), (32, 128, 2))]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)
+
+
+def lowrank_fits(blocksize: int, n_cols: int) -> bool:
+    """Rows hold whole blocks (of a power-of-two size, as nf4_weight checks), so a tile's scales
+    are per (row, block)."""
+    return n_cols % blocksize == 0
+
+
+@triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else _CONFIGS,
+                 key=["N", "K", "R_PAD", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=cold_graph_bench)
+@triton.jit
+def _lowrank_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, b_ptr, a_ptr, out_ptr,
+    N, K, R, scaling,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    first_col = tl.program_id(1) * BLOCK_K
+    cols = first_col + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    byte_cols = first_col // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,)
+    bytes_ = tl.load(packed_ptr + rows64[:, None] * (K // 2) + byte_cols[None, :],
+                     mask=row_ok[:, None] & (byte_cols < K // 2)[None, :], other=0)  # (BLOCK_N, BLOCK_K / 2)
+    nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (BLOCK_N, BLOCK_K))  # column 2j + t
+    values = tl.load(code_ptr + nibbles.to(tl.int32))  # (BLOCK_N, BLOCK_K) float32
+    row_block = rows64 * (K // BLOCKSIZE)  # each row's first block
+    if BLOCK_K >= BLOCKSIZE:
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        block_col = first_col // BLOCKSIZE + tl.arange(0, NB)  # (NB,)
+        block = row_block[:, None] + block_col[None, :]  # (BLOCK_N, NB)
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block,
+                            row_ok[:, None] & (block_col < K // BLOCKSIZE)[None, :], DOUBLE_QUANT, OFFSET_IS_POINTER)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
+    else:  # the tile's columns lie in one block of each row
+        block = row_block + first_col // BLOCKSIZE  # (BLOCK_N,)
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, row_ok,
+                            DOUBLE_QUANT, OFFSET_IS_POINTER)[:, None]
+    weight = values * scale  # (BLOCK_N, BLOCK_K) float32, rounded as the reference
+    ranks = tl.arange(0, R_PAD)
+    b = tl.load(b_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks < R)[None, :],
+                other=0.0)  # (BLOCK_N, R_PAD)
+    a = tl.load(a_ptr + ranks[:, None].to(tl.int64) * K + cols[None, :],
+                mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)  # (R_PAD, BLOCK_K)
+    if DOT_FP32:  # float32 operands, already rounded to the output dtype by the caller
+        delta = tl.dot(b, a, input_precision="ieee")
+    else:
+        delta = tl.dot(b.to(out_ptr.dtype.element_ty), a.to(out_ptr.dtype.element_ty))  # float32 sums
+    out = weight + scaling * delta
+    tl.store(out_ptr + rows64[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+_LOWRANK = Tuned(_lowrank_kernel)  # tuned once per key, then launched directly (kernels/launch.py)
+
+
+def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lora_a: torch.Tensor,
+                           scaling: float, dtype: torch.dtype = torch.bfloat16,
+                           config: triton.Config | None = None) -> torch.Tensor:
+    """dequantize(W) + scaling * lora_b @ lora_a as an (N, K) tensor of `dtype`; lora_b (N, r),
+    lora_a (r, K) of any float dtype on packed's device. config: one of _CONFIGS, launched as it
+    is (tests); None times them once per shape."""
+    from kernels import reference
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dequantize_nf4_lowrank: dtype must be float32, float16 or bfloat16, got {dtype}")
+    weight = nf4_weight(packed, state, packed.device)
+    n, k = weight.n_rows, weight.n_cols
+    if lora_b.dim() != 2 or lora_a.dim() != 2 or lora_b.shape[0] != n or lora_a.shape[1] != k \
+            or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"dequantize_nf4_lowrank: lora_b {tuple(lora_b.shape)} @ lora_a {tuple(lora_a.shape)} "
+                         f"must be ({n}, r) @ (r, {k}) for the weight's shape ({n}, {k})")
+    if lora_b.device != packed.device or lora_a.device != packed.device:
+        raise ValueError(f"dequantize_nf4_lowrank: lora_b ({lora_b.device}) and lora_a ({lora_a.device}) must be "
+                         f"on the weight's device ({packed.device})")
+    if not lowrank_fits(weight.blocksize, k):
+        return reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, scaling, dtype)
+    rank = lora_a.shape[0]
+    dot_fp32 = dtype == torch.float32 or interpreting()  # the interpreter's bfloat16 is unreliable (REFERENCE.md)
+    if dot_fp32:
+        lora_b, lora_a = lora_b.to(dtype).float(), lora_a.to(dtype).float()
+    lora_b, lora_a = lora_b.contiguous(), lora_a.contiguous()
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    r_pad = max(16, triton.next_power_of_2(rank))
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+    key = (n, k, r_pad, weight.blocksize, weight.double_quant, dtype, lora_b.dtype, lora_a.dtype)
+    launch = _LOWRANK if config is None else _forced(config)
+    with on_device(packed.device):
+        launch(
+            key, grid, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+            weight.code, lora_b, lora_a, out, n, k, rank, float(scaling),
+            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+            OFFSET_IS_POINTER=weight.offset_is_pointer, R_PAD=r_pad,
+            DOT_FP32=dot_fp32,
+            enable_fp_fusion=False,  # w + s * delta rounded as the reference: see the module docstring
+        )
+    return out
+
+
+def _forced(config: triton.Config):
+    """A launcher with Tuned's signature that runs `config` without timing anything."""
+    def launch(key, grid, *args, **meta):
+        _lowrank_kernel.fn[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+    return launch

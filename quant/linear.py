@@ -264,6 +264,20 @@ class Linear4bit(nn.Module):
                 return kernels.dequantize_nf4(self.weight, self.kernel_weight(), dtype)
             return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
 
+    def dequantize_lowrank(self, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + scaling * lora_b @ lora_a (out, in) in `dtype` (default: compute_dtype), summed in float32
+        and rounded once, lora_b (out, r) and lora_a (r, in) rounded to `dtype` first; one pass on
+        the GPU (kernels/nf4_lowrank.py). A LoRA layer's input gradient uses it (lora/function.py)."""
+        dtype = dtype or self.compute_dtype
+        with torch.no_grad():
+            if self.weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and _kernels_available():
+                import kernels
+                return kernels.dequantize_nf4_lowrank(self.weight, self.kernel_weight(), lora_b, lora_a, scaling, dtype)
+            weight = dequantize_4bit(self.weight, self.quant_state, dtype=torch.float32)
+            delta = lora_b.to(dtype).float() @ lora_a.to(dtype).float()  # (out, in)
+            return (weight + scaling * delta).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.shape[-1] != self.in_features:
             raise ValueError(

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import function as lora_function
+
 __all__ = ["LoRALinear", "is_linear_like", "base_weight"]
 
 
@@ -132,8 +134,11 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if self.use_dora:
             return self._dora_forward(x)
-        result = self.base_layer(x)  # (..., out)
         a, b = self.lora_A.weight, self.lora_B.weight
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            if lora_function.fits(self.base_layer):  # one autograd node, the sums in the GEMMs
+                return lora_function.LoRAFunction.apply(x, a, b, self.base_layer, self.scaling)
+        result = self.base_layer(x)  # (..., out)
         # Under autocast the adapters run in the autocast dtype: casting x to the adapters' float32
         # would copy every activation for nothing. Without autocast x meets the adapters' dtype.
         autocast = torch.is_autocast_enabled(x.device.type)

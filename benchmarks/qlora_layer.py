@@ -1,56 +1,56 @@
-"""A QLoRA layer's forward + backward on the GPU: NF4 base weight through our kernels against the
-same LoRA layer on a frozen bf16 weight, same run.
+"""A QLoRA layer's forward + backward on the GPU: lora.LoRALinear over a 4-bit quant.Linear4bit
+against the same LoRALinear over a frozen bf16 nn.Linear holding the same numbers, same run.
 
     PYTHONPATH=. python -m benchmarks.qlora_layer [--check] [--rows 4096]
 
     y = x @ W.T + s * (x @ A.T) @ B.T      r = 16, s = alpha / r = 2, bf16, W frozen
     backward: dx (through W: g @ W, and through the adapter), dA, dB; no gradient for W
 
-The LoRA part is plain torch here (no lora/ or quant/ import); the NF4 base is a small
-autograd.Function over kernels.matmul_nf4 / matmul_nf4_t (what quant.Linear4bit calls), and over
-each large-M strategy alone. Ratio = bf16 LoRA time / QLoRA time (target >= 0.95). The "graphed"
-columns time the same forward + backward captured in a CUDA graph on both sides (as the trainer
-runs it, lora/graphs.py): GPU time without the Python and launch cost of each call. Markdown
-table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
+"layer" columns: our layer as users run it (lora/function.py: one autograd node; with the 4-bit
+base the input gradient is g @ (W + s B A), Note [merged input gradient]). "autograd" columns: the
+same math as four autograd nodes in plain torch (the base through kernels.matmul_nf4 /
+matmul_nf4_t, as quant.Linear4bit calls them), the way the layer ran before lora/function.py.
+Ratio = bf16 time / 4-bit time (target >= 0.95); each time is the median of 3 rounds that interleave all
+columns. "graphed": forward + backward captured in a CUDA
+graph on both sides (as the trainer runs it, lora/graphs.py), so GPU time without the Python and
+launch cost of each call. "W us" / "W + s B A us": the 4-bit base's dequantization alone and with the
+adapter merged (kernels/nf4_lowrank.py), L2 cleared. Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
+import statistics
 import sys
 
 import torch
+import torch.nn as nn
 import triton
 from triton.testing import do_bench
 
 import kernels
+import quant
 from benchmarks.report import publish
-from benchmarks.nf4_matmul import random_nf4_weight
-from kernels import nf4_matmul
-from kernels.nf4_dequant import dequantize_nf4
+from kernels.launch import cold_graph_bench
+from lora import LoRALinear
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K) = (out_features, in_features)
 RANK, ALPHA = 16, 32
-
-BASES = {  # name: (x @ W.T, g @ W)
-    "dispatch": (kernels.matmul_nf4, kernels.matmul_nf4_t),
-    "fused": (nf4_matmul.matmul_nf4_fused, nf4_matmul.matmul_nf4_t_fused),
-    "dequantize": (nf4_matmul.matmul_nf4_dequantize, nf4_matmul.matmul_nf4_t_dequantize),
-}
+ROUNDS = 3  # each time is the median of ROUNDS medians
 
 
 class NF4Base(torch.autograd.Function):
     """x @ W.T for a frozen NF4 W: the backward returns the input gradient g @ W only."""
 
     @staticmethod
-    def forward(ctx, x, packed, state, forward_fn, backward_fn):
-        ctx.packed, ctx.state, ctx.backward_fn = packed, state, backward_fn
-        return forward_fn(x, packed, state)
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return kernels.matmul_nf4(x, layer.weight, layer.kernel_weight())
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.backward_fn(grad, ctx.packed, ctx.state), None, None, None, None
+        return kernels.matmul_nf4_t(grad, ctx.layer.weight, ctx.layer.kernel_weight()), None
 
 
-def lora(x, base, lora_a, lora_b):
-    """base(x) + (alpha / r) * B(A x)."""
+def autograd_lora(x, base, lora_a, lora_b):
+    """base(x) + (alpha / r) * B(A x), four autograd nodes."""
     return base(x) + (ALPHA / RANK) * ((x @ lora_a.T) @ lora_b.T)
 
 
@@ -75,9 +75,30 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+def layers(n_rows: int, n_cols: int) -> tuple[LoRALinear, LoRALinear]:
+    """(LoRA over bf16 nn.Linear, LoRA over Linear4bit): the same W numbers, the same adapters."""
+    weight = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16) * 0.02
+    base4 = quant.Linear4bit.from_weight(weight, compute_dtype=torch.bfloat16)
+    base16 = nn.Linear(n_cols, n_rows, bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        base16.weight.copy_(base4.dequantize(torch.bfloat16))
+    pair = []
+    for base in (base16, base4):
+        base.requires_grad_(False)
+        layer = LoRALinear(base, r=RANK, alpha=ALPHA, dtype=torch.bfloat16)
+        pair.append(layer)
+    lora_a = torch.randn(RANK, n_cols, device="cuda") / n_cols ** 0.5
+    lora_b = torch.randn(n_rows, RANK, device="cuda") * 0.01
+    with torch.no_grad():
+        for layer in pair:
+            layer.lora_A.weight.copy_(lora_a)
+            layer.lora_B.weight.copy_(lora_b)
+    return pair[0], pair[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare outputs and gradients with bf16 LoRA")
+    parser.add_argument("--check", action="store_true", help="compare outputs and gradients with the bf16 layer")
     parser.add_argument("--rows", type=int, default=4096, help="M, rows of x (default 4096)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -90,54 +111,67 @@ def main() -> int:
     failures, lines = [], []
     m = args.rows
     for n_rows, n_cols in SHAPES:
-        packed, state, _ = random_nf4_weight(n_rows, n_cols, bnb=None)
-        state = kernels.prepare(packed, state)  # checked once, as quant.Linear4bit keeps it
-        weight = dequantize_nf4(packed, state, torch.bfloat16)  # frozen bf16 W, the same numbers
+        layer16, layer4 = layers(n_rows, n_cols)
         x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        lora_a = (torch.randn(RANK, n_cols, device="cuda") / n_cols ** 0.5).bfloat16().requires_grad_()
-        lora_b = (torch.randn(n_rows, RANK, device="cuda") * 0.01).bfloat16().requires_grad_()
         grad_y = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
-        bases = {"bf16": lambda t: t @ weight.T}
-        for name, (forward_fn, backward_fn) in BASES.items():
-            bases[name] = (lambda t, f=forward_fn, b=backward_fn: NF4Base.apply(t, packed, state, f, b))
-
-        def step(base):
-            lora(x, base, lora_a, lora_b).backward(grad_y)
-
+        weight16 = layer16.base_layer.weight
+        steps = {  # name: (step, tensors with gradients)
+            "layer bf16": (lambda: layer16(x).backward(grad_y), [x, *layer16.parameters()]),
+            "layer nf4": (lambda: layer4(x).backward(grad_y), [x, *layer4.parameters()]),
+            "autograd bf16": (lambda: autograd_lora(x, lambda t: t @ weight16.T, layer16.lora_A.weight,
+                                                    layer16.lora_B.weight).backward(grad_y), [x, *layer16.parameters()]),
+            "autograd nf4": (lambda: autograd_lora(x, lambda t: NF4Base.apply(t, layer4.base_layer),
+                                                   layer4.lora_A.weight, layer4.lora_B.weight).backward(grad_y),
+                             [x, *layer4.parameters()]),
+        }
         if args.check:
             results = {}
-            for name, base in bases.items():
-                x.grad = lora_a.grad = lora_b.grad = None
-                y = lora(x, base, lora_a, lora_b)
-                y.backward(grad_y)
-                results[name] = (y.detach(), x.grad, lora_a.grad, lora_b.grad)
-            for name in BASES:
-                errors = [relative_error(got, want) for got, want in zip(results[name], results["bf16"])]
+            for name, (step, tensors) in steps.items():
+                tensors = [t for t in tensors if t.requires_grad]
+                for t in tensors:
+                    t.grad = None
+                step()
+                results[name] = [t.grad.clone() for t in tensors]
+            want = results["layer bf16"]
+            for name in ("layer nf4", "autograd bf16", "autograd nf4"):
+                errors = [relative_error(got, w) for got, w in zip(results[name], want)]
                 ok = max(errors) <= 1e-2
-                print(f"  check {name} {n_rows}x{n_cols}: relative error y, dx, dA, dB = "
+                print(f"  check {name} {n_rows}x{n_cols}: relative error of dx, dA, dB against layer bf16 = "
                       + ", ".join(f"{e:.1e}" for e in errors) + ("" if ok else "  FAIL"))
                 if not ok:
                     failures.append(f"{name} {n_rows}x{n_cols}")
-        times = {name: do_bench(lambda b=base: step(b), grad_to_none=[x, lora_a, lora_b], return_mode="median")
-                 for name, base in bases.items()}
-        replays = {name: graphed(lambda b=bases[name]: step(b), [x, lora_a, lora_b]) for name in ("bf16", "dispatch")}
-        graph_times = {name: do_bench(g.replay, return_mode="median") for name, g in replays.items()}
-        line = (f"| {n_rows} x {n_cols} | {m} | {times['bf16']:.3f} | {times['dispatch']:.3f} | "
-                f"**{times['bf16'] / times['dispatch']:.3f}** | {times['bf16'] / times['fused']:.3f} | "
-                f"{times['bf16'] / times['dequantize']:.3f} | {graph_times['bf16']:.3f} | "
-                f"{graph_times['dispatch']:.3f} | **{graph_times['bf16'] / graph_times['dispatch']:.3f}** |")
-        del replays
+        graphs = {name: graphed(step, [t for t in tensors if t.requires_grad]) for name, (step, tensors) in steps.items()}
+        rounds = {name: ([], []) for name in steps}
+        for _ in range(ROUNDS):  # interleaved, so that clock drift during the run hits every column alike
+            for name, (step, tensors) in steps.items():
+                rounds[name][0].append(do_bench(step, grad_to_none=[t for t in tensors if t.requires_grad],
+                                                return_mode="median"))
+                rounds[name][1].append(do_bench(graphs[name].replay, return_mode="median"))
+        times = {name: statistics.median(eager) for name, (eager, _) in rounds.items()}
+        graph_times = {name: statistics.median(replayed) for name, (_, replayed) in rounds.items()}
+        del graphs
+        base4, lora4 = layer4.base_layer, layer4
+        dequant_us = 1000 * cold_graph_bench(lambda: base4.dequantize(torch.bfloat16))
+        lowrank_us = 1000 * cold_graph_bench(lambda: base4.dequantize_lowrank(lora4.lora_B.weight, lora4.lora_A.weight,
+                                                                               lora4.scaling, torch.bfloat16))
+        t, g = times, graph_times
+        line = (f"| {n_rows} x {n_cols} | {m} | {t['layer bf16']:.3f} | {t['layer nf4']:.3f} | "
+                f"**{t['layer bf16'] / t['layer nf4']:.3f}** | {g['layer bf16']:.3f} | {g['layer nf4']:.3f} | "
+                f"**{g['layer bf16'] / g['layer nf4']:.3f}** | {g['autograd bf16']:.3f} | {g['autograd nf4']:.3f} | "
+                f"{g['autograd bf16'] / g['autograd nf4']:.3f} | {g['autograd bf16'] / g['layer nf4']:.3f} | "
+                f"{dequant_us:.1f} | {lowrank_us:.1f} |")
         print(line, flush=True)
         lines.append(line)
-        del packed, state, weight, x, lora_a, lora_b, grad_y
+        del layer16, layer4, base4, lora4, x, grad_y, steps, weight16
         torch.cuda.empty_cache()
 
     report = "\n".join([
         f"{header}\n",
-        "times in ms (median); ratio = bf16 LoRA time / QLoRA time (target >= 0.95)\n",
-        "| N x K | M | bf16 LoRA | QLoRA (dispatch) | ratio | ratio, fused | ratio, dequantize+cuBLAS "
-        "| graphed bf16 LoRA | graphed QLoRA | graphed ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "times in ms (median); ratio = bf16 time / 4-bit time (target >= 0.95)\n",
+        "| N x K | M | layer bf16 | layer QLoRA | ratio | graphed layer bf16 | graphed layer QLoRA | graphed ratio "
+        "| graphed autograd bf16 | graphed autograd QLoRA | autograd ratio | autograd bf16 / layer QLoRA "
+        "| W us | W + s B A us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *lines,
     ])
     if failures:

@@ -133,6 +133,14 @@ def main() -> int:
                 step()
                 results[name] = [t.grad.clone() for t in tensors]
             want = results["layer bf16"]
+            # dx against float64 from the exact NF4 values: the merged weight's rounding against W's alone
+            lora_a, lora_b = (w.detach().double() for w in (layer4.lora_A.weight, layer4.lora_B.weight))
+            exact = grad_y.double() @ (layer4.base_layer.dequantize(torch.float32).double()
+                                       + layer4.scaling * lora_b @ lora_a)
+            print(f"  check dx {n_rows}x{n_cols} against float64: layer bf16 "
+                  f"{relative_error(results['layer bf16'][0], exact):.1e}, layer nf4 "
+                  f"{relative_error(results['layer nf4'][0], exact):.1e}")
+            del exact
             for name in ("layer nf4", "autograd bf16", "autograd nf4"):
                 errors = [relative_error(got, w) for got, w in zip(results[name], want)]
                 ok = max(errors) <= 1e-2
@@ -140,16 +148,16 @@ def main() -> int:
                       + ", ".join(f"{e:.1e}" for e in errors) + ("" if ok else "  FAIL"))
                 if not ok:
                     failures.append(f"{name} {n_rows}x{n_cols}")
-        graphs = {name: graphed(step, [t for t in tensors if t.requires_grad]) for name, (step, tensors) in steps.items()}
         rounds = {name: ([], []) for name in steps}
         for _ in range(ROUNDS):  # interleaved, so that clock drift during the run hits every column alike
             for name, (step, tensors) in steps.items():
-                rounds[name][0].append(do_bench(step, grad_to_none=[t for t in tensors if t.requires_grad],
-                                                return_mode="median"))
-                rounds[name][1].append(do_bench(graphs[name].replay, return_mode="median"))
+                tensors = [t for t in tensors if t.requires_grad]
+                rounds[name][0].append(do_bench(step, grad_to_none=tensors, return_mode="median"))
+                graph = graphed(step, tensors)  # captured anew: it writes into the .grad tensors it was given
+                rounds[name][1].append(do_bench(graph.replay, return_mode="median"))
+                del graph
         times = {name: statistics.median(eager) for name, (eager, _) in rounds.items()}
         graph_times = {name: statistics.median(replayed) for name, (_, replayed) in rounds.items()}
-        del graphs
         base4, lora4 = layer4.base_layer, layer4
         dequant_us = 1000 * cold_graph_bench(lambda: base4.dequantize(torch.bfloat16))
         lowrank_us = 1000 * cold_graph_bench(lambda: base4.dequantize_lowrank(lora4.lora_B.weight, lora4.lora_A.weight,

@@ -13,11 +13,22 @@ from tests.kernels.nf4_inputs import random_nf4
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n_rows,n_cols,blocksize,rank", [(4096, 4096, 64, 16), (333, 1088, 32, 7), (1000, 4160, 64, 64),
-                                                          (77, 5120, 256, 1), (4101, 1024, 1024, 33)])
+SHAPES = [(4096, 4096, 64, 16), (333, 1088, 32, 7), (1000, 4160, 64, 64), (77, 5120, 256, 1), (4101, 1024, 1024, 33)]
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize,rank", SHAPES)
 @pytest.mark.parametrize("config", nf4_lowrank._CONFIGS)
-def test_every_config_matches_reference(dtype, n_rows, n_cols, blocksize, rank, config):
+def test_every_config_matches_reference(n_rows, n_cols, blocksize, rank, config):
+    _check(n_rows, n_cols, blocksize, rank, torch.bfloat16, config)
+
+
+@pytest.mark.parametrize("n_rows,n_cols,blocksize,rank", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_float16_and_float32(n_rows, n_cols, blocksize, rank, dtype):
+    _check(n_rows, n_cols, blocksize, rank, dtype, nf4_lowrank._CONFIGS[0])
+
+
+def _check(n_rows, n_cols, blocksize, rank, dtype, config):
     packed, state = random_nf4(n_rows, n_cols, blocksize, double_quant=True, device="cuda")
     lora_b = torch.randn(n_rows, rank, device="cuda")
     lora_a = torch.randn(rank, n_cols, device="cuda") / rank ** 0.5

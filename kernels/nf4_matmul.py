@@ -392,7 +392,7 @@ def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Te
 
 
 def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
-                   config: tuple[int, int] | None = None) -> torch.Tensor:
+                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The tensor-core streaming kernel of kernels/nf4_mma.py for M <= MMA_M_MAX rows of 16-bit x on
     CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config (warps per tile, groups per
     iteration): None times nf4_mma.MMA_CONFIGS once per shape and keeps the fastest."""

@@ -1,9 +1,19 @@
 """Small-M NF4 matmul on the tensor cores: y = x @ W.T for M <= 16 rows of x (decode), W read once.
 
-    for each 16-row tile of W (one program), its warps splitting K:
-        for each group of 32 VEC columns of K in this warp's part:
+    for each 16 ROW_TILES rows of W (one program), its warps splitting K:
+        for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
-            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [row tiles]
+    Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
+    L2, not from DRAM, but at M = 16 those loads move 4x the bytes of W, and the programs' x reads
+    miss L1 often enough to cost a quarter of the time: 28672 x 8192 took 94.6 us with 16 distinct
+    rows of x against 74.0 with one row read 16 times (stride 0), the same mmas. ROW_TILES 2 lets a
+    warp multiply the same x fragments by two 16-row tiles of W, halving x's traffic per weight, for
+    more registers (138 against 78 at UNROLL 4). Measured in one process (H100): 28672 x 8192,
+    M = 16: 95.2 -> 78.2 us; 8192 x 8192: 31.4 -> 26.2; M = 1 unchanged (71.2 / 71.3 and 25.7 /
+    25.0). Four tiles were slower (more registers, fewer programs). Both 1 and 2 are timed per shape.
+
+Note [pair lookup])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
         partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
@@ -16,7 +26,8 @@ weight costs ~20 / 8 byte-permute and logic instructions plus 1/8 of an mma: 3.5
 per weight in the loop (sm_90 compile, blocksize 64, 4 groups per iteration), against ~7 for the
 FMA kernel of kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the
 scales through shared memory). In an iteration the warp's next words are already loading
-(Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]).
+(Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]). A warp may cover
+two 16-row tiles with the same x fragments (Note [row tiles]).
 
 Note [what limits it]
     Nsight Compute on the H100 (28672 x 8192, M = 1): the ALU pipe, which runs the byte permutes
@@ -192,71 +203,94 @@ def _words(w_at, w8_at, VEC: tl.constexpr):
 
 
 @triton.jit
-def _fetch(w_at, w8_at, entry_at, entry8_at, VEC: tl.constexpr, UNROLL: tl.constexpr):
-    """An iteration's loads, issued one iteration ahead (Note [fetch ahead]): the words of its UNROLL
-    groups from w_at, w8_at on, and the two absmax entries this lane decodes (Note [shared scales])."""
+def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr):
+    """An iteration's loads, issued one iteration ahead (Note [fetch ahead]): for each of its UNROLL
+    groups and each row tile, the words from w_ats[tile] = (w_at, w8_at) on; for each row tile, the
+    two absmax entries this lane decodes (Note [shared scales]) at entry_ats[tile]."""
     W_BYTES: tl.constexpr = 16 * VEC
-    w0 = _words(w_at, w8_at, VEC)
-    w1 = _words(w_at + W_BYTES, w8_at + W_BYTES, VEC)
-    if UNROLL == 2:
-        words = (w0, w1)
-    else:
-        words = (w0, w1, _words(w_at + 2 * W_BYTES, w8_at + 2 * W_BYTES, VEC),
-                 _words(w_at + 3 * W_BYTES, w8_at + 3 * W_BYTES, VEC))
-    return words, tl.load(entry_at), tl.load(entry8_at)
+    words = ()
+    for u in tl.static_range(UNROLL):
+        tiles = ()
+        for r in tl.static_range(ROW_TILES):
+            tiles = tiles + (_words(w_ats[r][0] + u * W_BYTES, w_ats[r][1] + u * W_BYTES, VEC),)
+        words = words + (tiles,)
+    entries = ()
+    for r in tl.static_range(ROW_TILES):
+        entries = entries + ((tl.load(entry_ats[r][0]), tl.load(entry_ats[r][1])),)
+    return words, entries
 
 
 @triton.jit
-def _group(acc, words, x_at, x8_at, sg, sg8, planes, VEC: tl.constexpr, M_TILES: tl.constexpr,
-           FLOAT16: tl.constexpr):
-    """acc (8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words from _words, sg and
-    sg8 the scales of rows g and g + 8, x_at and x8_at the byte addresses of this lane's x in rows g
-    and g + 8 of x (the second with M_TILES 2)."""
-    wg, wg8 = words
+def _group(acc, words, x_at, x8_at, scales, planes, VEC: tl.constexpr, M_TILES: tl.constexpr,
+           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr):
+    """acc (per row tile, 8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words
+    (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_at and x8_at
+    the byte addresses of this lane's x in rows g and g + 8 of x (the second with M_TILES 2). Every
+    row tile multiplies the same x fragments: Note [row tiles]."""
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
     x = _x_group(x_at, VEC)
     if M_TILES == 2:
         x8 = _x_group(x8_at, VEC)
     else:
         x8 = x
-    z = 0.0
-    t0, t1, t2, t3 = z, z, z, z
-    u0, u1, u2, u3 = z, z, z, z
-    for v in tl.static_range(VEC):
-        a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
-        b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
-        t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
-        t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
+    new_acc = ()
+    for r in tl.static_range(ROW_TILES):
+        wg, wg8 = words[r]
+        sg, sg8 = scales[r]
+        z = 0.0
+        t0, t1, t2, t3 = z, z, z, z
+        u0, u1, u2, u3 = z, z, z, z
+        for v in tl.static_range(VEC):
+            a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
+            t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
+            if M_TILES == 2:
+                u0, u1, u2, u3 = _mma(a01, b01, a23, b23, x8[4 * v], x8[4 * v + 1], u0, u1, u2, u3, FLOAT16)
+                u0, u1, u2, u3 = _mma(a45, b45, a67, b67, x8[4 * v + 2], x8[4 * v + 3], u0, u1, u2, u3, FLOAT16)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
+        acc0 += t0 * sg
+        acc1 += t1 * sg
+        acc2 += t2 * sg8
+        acc3 += t3 * sg8
         if M_TILES == 2:
-            u0, u1, u2, u3 = _mma(a01, b01, a23, b23, x8[4 * v], x8[4 * v + 1], u0, u1, u2, u3, FLOAT16)
-            u0, u1, u2, u3 = _mma(a45, b45, a67, b67, x8[4 * v + 2], x8[4 * v + 3], u0, u1, u2, u3, FLOAT16)
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
-    acc0 += t0 * sg
-    acc1 += t1 * sg
-    acc2 += t2 * sg8
-    acc3 += t3 * sg8
-    if M_TILES == 2:
-        acc4 += u0 * sg
-        acc5 += u1 * sg
-        acc6 += u2 * sg8
-        acc7 += u3 * sg8
-    return (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc4 += u0 * sg
+            acc5 += u1 * sg
+            acc6 += u2 * sg8
+            acc7 += u3 * sg8
+        new_acc = new_acc + ((acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7),)
+    return new_acc
 
 
 @triton.jit
-def _iteration(acc, fetched, x_at, x8_at, block, block8, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
+def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
                VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr):
-    """UNROLL groups: this lane decodes the scales of one of them (blocks `block`, `block8` of rows g
-    and g + 8) and takes the others from its quad (Note [shared scales])."""
+               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr):
+    """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
+    rows g and g + 8) and takes the others from its quad (Note [shared scales])."""
     X_BYTES: tl.constexpr = 64 * VEC
-    words, entry, entry8 = fetched
-    sg = _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
-    sg8 = _scale(entry8, block8, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
+    words, entries = fetched
+    scales = ()
+    for r in tl.static_range(ROW_TILES):
+        scales = scales + ((_scale(entries[r][0], blocks[r][0], nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT),
+                            _scale(entries[r][1], blocks[r][1], nested_absmax_ptr, nested_code_ptr, shift,
+                                   DOUBLE_QUANT)),)
     for u in tl.static_range(UNROLL):
-        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, _shuffle(sg, sources[u]),
-                     _shuffle(sg8, sources[u]), planes, VEC, M_TILES, FLOAT16)
+        shared = ()
+        for r in tl.static_range(ROW_TILES):
+            shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
+        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, VEC, M_TILES, FLOAT16,
+                     ROW_TILES)
     return acc
+
+
+@triton.jit
+def _advance(pairs, step, ROW_TILES: tl.constexpr):
+    """pairs (per row tile, two addresses or block indices), each moved by `step`."""
+    moved = ()
+    for r in tl.static_range(ROW_TILES):
+        moved = moved + ((pairs[r][0] + step, pairs[r][1] + step),)
+    return moved
 
 
 @triton.jit
@@ -283,12 +317,13 @@ def _mma_gemv_kernel(
     M, N, K, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-    KSPLIT: tl.constexpr, UNROLL: tl.constexpr,
+    KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
     W_BYTES: tl.constexpr = 16 * VEC  # bytes of a group's row of W
     X_BYTES: tl.constexpr = 64 * VEC  # bytes of a group's row of x
+    ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per program (and per warp)
     tile = tl.program_id(0)
     lane, warp = _lane_ids(tile)
     g = lane >> 2
@@ -301,26 +336,31 @@ def _mma_gemv_kernel(
         shift = tl.load(offset)
     else:
         shift = offset
-    row_g = tl.minimum(tile * 16 + g, N - 1)  # rows past N read row N - 1; their sums are dropped
-    row_g8 = tl.minimum(tile * 16 + g + 8, N - 1)
-    row_block = row_g * (K // BLOCKSIZE)  # the rows' first blocks
-    row8_block = row_g8 * (K // BLOCKSIZE)
     n_groups = K // GROUP
     per_warp = tl.cdiv(n_groups, KSPLIT)
     group = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [group, group + count)
     count = tl.minimum(group + per_warp, n_groups) - group
-    # Byte addresses of this lane's words and x values in the current group.
-    w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
-    w8_at = w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)
+    # Per row tile: the first blocks of rows g and g + 8, and the byte addresses of this lane's words in
+    # the current group. Rows past N read row N - 1; their sums are dropped.
+    row_blocks = ()
+    w_ats = ()
+    for r in tl.static_range(ROW_TILES):
+        row_g = tl.minimum(tile * ROWS + 16 * r + g, N - 1)
+        row_g8 = tl.minimum(tile * ROWS + 16 * r + g + 8, N - 1)
+        row_blocks = row_blocks + ((row_g * (K // BLOCKSIZE), row_g8 * (K // BLOCKSIZE)),)
+        w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
+        w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
     # Lanes of columns g >= M read row M - 1 of x: columns of y that are never stored.
     x_lane = x_ptr.to(tl.int64) + group * X_BYTES + t * (16 * VEC)
     x_at = x_lane + tl.minimum(g, M - 1).to(tl.int64) * stride_xm * 2
     x8_at = x_lane + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm * 2
     z = 0.0
-    acc = (z, z, z, z, z, z, z, z)
+    acc = ()
+    for r in tl.static_range(ROW_TILES):
+        acc = acc + ((z, z, z, z, z, z, z, z),)
     # Note [shared scales]: in an iteration, lane t of a quad decodes the scales of group t % UNROLL
     # (rows g and g + 8, the same for the whole quad) and the quad shuffles them: two double-quant
-    # decodes per lane and iteration instead of 2 UNROLL.
+    # decodes per lane, row tile and iteration instead of 2 UNROLL.
     mine = t % UNROLL
     quad = lane & -4
     if UNROLL == 2:
@@ -332,96 +372,100 @@ def _mma_gemv_kernel(
     n_iter = count // UNROLL
     if n_iter > 0:
         block = (group + mine) * GROUP // BLOCKSIZE
-        fetched = _fetch(w_at, w8_at, absmax_ptr + row_block + block, absmax_ptr + row8_block + block, VEC, UNROLL)
+        blocks = _advance(row_blocks, block, ROW_TILES)
+        fetched = _fetch(w_ats, _advance(blocks, absmax_ptr, ROW_TILES), VEC, UNROLL, ROW_TILES)
         for _ in range(n_iter - 1):
             current = fetched
             next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
-            fetched = _fetch(w_at + UNROLL * W_BYTES, w8_at + UNROLL * W_BYTES, absmax_ptr + row_block + next_block,
-                             absmax_ptr + row8_block + next_block, VEC, UNROLL)
-            acc = _iteration(acc, current, x_at, x8_at, row_block + block, row8_block + block, sources,
-                             nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
-                             DOUBLE_QUANT)
-            w_at += UNROLL * W_BYTES
-            w8_at += UNROLL * W_BYTES
+            next_blocks = _advance(row_blocks, next_block, ROW_TILES)
+            fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
+                             VEC, UNROLL, ROW_TILES)
+            acc = _iteration(acc, current, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
+                             planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+            w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_at += UNROLL * X_BYTES
             x8_at += UNROLL * X_BYTES
             group += UNROLL
-            block = next_block
-        acc = _iteration(acc, fetched, x_at, x8_at, row_block + block, row8_block + block, sources,
-                         nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
-                         DOUBLE_QUANT)
-        w_at += UNROLL * W_BYTES
-        w8_at += UNROLL * W_BYTES
+            blocks = next_blocks
+        acc = _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
+                         planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+        w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
         x_at += UNROLL * X_BYTES
         x8_at += UNROLL * X_BYTES
         group += UNROLL
     for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
         block = group * GROUP // BLOCKSIZE
-        sg = _scale(tl.load(absmax_ptr + row_block + block), row_block + block, nested_absmax_ptr, nested_code_ptr,
-                    shift, DOUBLE_QUANT)
-        sg8 = _scale(tl.load(absmax_ptr + row8_block + block), row8_block + block, nested_absmax_ptr,
-                     nested_code_ptr, shift, DOUBLE_QUANT)
-        acc = _group(acc, _words(w_at, w8_at, VEC), x_at, x8_at, sg, sg8, planes, VEC, M_TILES, FLOAT16)
-        w_at += W_BYTES
-        w8_at += W_BYTES
+        words = ()
+        scales = ()
+        for r in tl.static_range(ROW_TILES):
+            words = words + (_words(w_ats[r][0], w_ats[r][1], VEC),)
+            first_g, first_g8 = row_blocks[r]
+            scales = scales + ((_scale(tl.load(absmax_ptr + first_g + block), first_g + block, nested_absmax_ptr,
+                                       nested_code_ptr, shift, DOUBLE_QUANT),
+                                _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
+                                       nested_code_ptr, shift, DOUBLE_QUANT)),)
+        acc = _group(acc, words, x_at, x8_at, scales, planes, VEC, M_TILES, FLOAT16, ROW_TILES)
+        w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
         x_at += X_BYTES
         x8_at += X_BYTES
         group += 1
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
-    # The warps' partial sums of the tile, (KSPLIT, 16 rows, 16 columns of y.T) float32 per program.
+    # The warps' partial sums of the program's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
     M_PAD: tl.constexpr = 8 * M_TILES
-    part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * 16 * M_PAD).to(tl.int64) * 4
+    part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
     col = 2 * t
-    _store2(part + (g * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
-    _store2(part + ((g + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
-    if M_TILES == 2:
-        _store2(part + (g * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
-        _store2(part + ((g + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
+    for r in tl.static_range(ROW_TILES):
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
+        row = 16 * r + g
+        _store2(part + (row * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
+        _store2(part + ((row + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
+        if M_TILES == 2:
+            _store2(part + (row * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
+            _store2(part + ((row + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
     tl.debug_barrier()
     warps = tl.arange(0, KSPLIT)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, ROWS)
     cols = tl.arange(0, M_PAD)
-    parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * 16 + rows[None, :, None]) * M_PAD
-                    + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, 16, M_PAD)
-    y = tl.sum(parts, axis=0)  # (16, M_PAD): y.T
-    out_rows = tile * 16 + rows
+    parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * ROWS + rows[None, :, None]) * M_PAD
+                    + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, ROWS, M_PAD)
+    y = tl.sum(parts, axis=0)  # (ROWS, M_PAD): y.T
+    out_rows = tile * ROWS + rows
     if HAS_BIAS:
         y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
              y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
 
 
-# (warps per 16-row tile, each taking a part of K; groups per loop iteration), timed per shape. One
-# warp per tile never won on the H100 (runs 36-40), so it is not tried.
-MMA_CONFIGS = [(ksplit, unroll) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
-_CHOSEN: dict[tuple, tuple[int, int]] = {}
+# (warps per program, each taking a part of K; groups per loop iteration; 16-row tiles per warp),
+# timed per shape. One warp per program never won on the H100 (runs 36-40), so it is not tried.
+MMA_CONFIGS = [(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
+_CHOSEN: dict[tuple, tuple[int, int, int]] = {}
 
 
-def untimed_config(n_rows: int) -> tuple[int, int]:
+def untimed_config(n_rows: int) -> tuple[int, int, int]:
     """A config without timing: about 4096 warps in all (the measured winners on the H100 are within
-    one step of it, benchmarks/RESULTS.md), 4 groups per iteration."""
+    one step of it, benchmarks/RESULTS.md), 4 groups per iteration, one 16-row tile per warp."""
     tiles = triton.cdiv(n_rows, 16)
-    return min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4
+    return min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4, 1
 
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor, config) -> None:
-    ksplit, unroll = config
+    ksplit, unroll, row_tiles = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = 1 if m <= 8 else 2
-    tiles = triton.cdiv(n, 16)
-    scratch = torch.empty(tiles * ksplit * 16 * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
-    _mma_gemv_kernel[(tiles,)](
+    programs = triton.cdiv(n, 16 * row_tiles)
+    scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
+    _mma_gemv_kernel[(programs,)](
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
         HAS_BIAS=bias is not None, M_TILES=m_tiles, FLOAT16=x2d.dtype == torch.float16, KSPLIT=ksplit,
-        UNROLL=unroll, num_warps=ksplit, num_stages=1)
+        UNROLL=unroll, ROW_TILES=row_tiles, num_warps=ksplit, num_stages=1)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-             config: tuple[int, int] | None = None) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config (ksplit, unroll): None times MMA_CONFIGS once per shape
+    16 bytes, and mma_fits(W). config (ksplit, unroll, row_tiles): None times MMA_CONFIGS once per shape
     (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,

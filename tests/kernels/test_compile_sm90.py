@@ -98,10 +98,11 @@ def _compile_all() -> list[dict]:
                                                               (32, 2, 2, True, True), (256, 1, 4, False, False)):
         dtype = torch.float16 if float16 else torch.bfloat16
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
-                          HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll)
+                          HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll,
+                          ROW_TILES=1 + (blocksize == 64 and m_tiles == 2))
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
-        run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} {dtype}", nf4_mma._mma_gemv_kernel,
+        run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} ROW_TILES={constexprs['ROW_TILES']} {dtype}", nf4_mma._mma_gemv_kernel,
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))

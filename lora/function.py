@@ -8,8 +8,8 @@
 Autograd would record four nodes (the base, x A^T, h B^T, the sum) and build dx from two (M, K)
 tensors and a third for their sum. Here the low-rank term lands in the GEMM that made the other
 term (beta = 1 in cuBLAS' epilogue): forward y += s h B^T on the base's output, backward
-dx += s (g B) A on g W. On the H100 (benchmarks/qlora_layer.py) that makes the layer's step with a
-bf16 base 2-13% faster.
+dx += s (g B) A on g W. On the H100 (benchmarks/qlora_layer.py, run 53, M = 4096) a step of the
+layer over a bf16 base takes 0.87-0.94x the time of the autograd version.
 
 Note [merged input gradient]
     A 4-bit base (quant.Linear4bit) has to write a dequantized W for g W anyway. It writes

@@ -3,17 +3,7 @@
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
-            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [row tiles]
-    Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
-    L2, not from DRAM, but at M = 16 those loads move 4x the bytes of W, and the programs' x reads
-    miss L1 often enough to cost a quarter of the time: 28672 x 8192 took 94.6 us with 16 distinct
-    rows of x against 74.0 with one row read 16 times (stride 0), the same mmas. ROW_TILES 2 lets a
-    warp multiply the same x fragments by two 16-row tiles of W, halving x's traffic per weight, for
-    more registers (138 against 78 at UNROLL 4). Measured in one process (H100): 28672 x 8192,
-    M = 16: 95.2 -> 78.2 us; 8192 x 8192: 31.4 -> 26.2; M = 1 unchanged (71.2 / 71.3 and 25.7 /
-    25.0). Four tiles were slower (more registers, fewer programs). Both 1 and 2 are timed per shape.
-
-Note [pair lookup])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
         partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
@@ -50,6 +40,18 @@ Note [lane map]
     mma covers 32 VEC consecutive columns: within one block as long as 32 VEC <= blocksize, which
     is why the scale can multiply the mma's sum (post-scaling, float32) instead of every weight.
     VEC = min(4, blocksize // 32): blocksize 64 (QLoRA's) reads 8 bytes per lane per row.
+
+Note [row tiles]
+    Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
+    L2, not from DRAM, but at M = 16 those loads move 4x the bytes of W, and the programs' x reads
+    miss L1 often enough to cost a quarter of the time: 28672 x 8192 took 94.6 us with 16 distinct
+    rows of x against 74.0 with one row read 16 times (stride 0), the same mmas. ROW_TILES 2 lets a
+    warp multiply the same x fragments by two 16-row tiles of W, halving x's traffic per weight, for
+    more registers (138 against 78 at UNROLL 4). Measured in one process (H100): 28672 x 8192,
+    M = 16: 95.2 -> 78.2 us; 8192 x 8192: 31.4 -> 26.2; M = 1 unchanged (71.2 / 71.3 and 25.7 /
+    25.0) at best, though one tile alone became slower with this code (76.9 against 71.2 us, the
+    same loop SASS; benchmarks/RESULTS.md run 58). Four tiles were slower (more registers, fewer
+    programs). One and two tiles are timed per shape.
 
 Note [pair lookup]
     The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a

@@ -7,8 +7,8 @@
 
 B (N, r) and A (r, K) are a LoRA adapter (lora/function.py uses this for the input gradient of a
 QLoRA layer: g @ W' = g @ W + s (g B) A, Note [merged input gradient] there). The dequantization
-writes every weight anyway, so adding the rank-r term costs r / 2 tensor-core multiply-adds per
-weight and the reads of A and B, not a pass over an (M, K) tensor.
+writes every weight anyway, so adding the rank-r term costs r multiply-adds per weight on the
+tensor cores and the reads of A and B, not a pass over an (M, K) tensor.
 
 The w part equals kernels.reference.dequantize_nf4 before its rounding: the kernel is launched
 with fp fusion off, so the scale decode and code * scale are separately rounded float32 ops, and
@@ -17,8 +17,8 @@ output dtype (bfloat16 / float16: tensor cores, float32 sums); for a float32 out
 the CPU interpreter (whose bfloat16 is unreliable, REFERENCE.md), the wrapper rounds them and the
 kernel multiplies in float32.
 
-Needs rows of whole blocks (K % blocksize == 0); kernels.reference
-.dequantize_nf4_lowrank is the same math for everything else (the wrapper falls back to it).
+Needs rows of whole blocks (K % blocksize == 0); for everything else the wrapper falls back to
+kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch.
 """
 import torch
 import triton
@@ -72,15 +72,18 @@ def _lowrank_kernel(
         scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, row_ok,
                             DOUBLE_QUANT, OFFSET_IS_POINTER)[:, None]
     weight = values * scale  # (BLOCK_N, BLOCK_K) float32, rounded as the reference
-    ranks = tl.arange(0, R_PAD)
-    b = tl.load(b_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks < R)[None, :],
-                other=0.0)  # (BLOCK_N, R_PAD)
-    a = tl.load(a_ptr + ranks[:, None].to(tl.int64) * K + cols[None, :],
-                mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)  # (R_PAD, BLOCK_K)
-    if DOT_FP32:  # float32 operands, already rounded to the output dtype by the caller
-        delta = tl.dot(b, a, input_precision="ieee")
-    else:
-        delta = tl.dot(b.to(out_ptr.dtype.element_ty), a.to(out_ptr.dtype.element_ty))  # float32 sums
+    RANK_CHUNK: tl.constexpr = min(R_PAD, 64)  # ranks per dot, so large ranks keep small operands
+    delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for first_rank in tl.static_range(0, R_PAD, RANK_CHUNK):
+        ranks = first_rank + tl.arange(0, RANK_CHUNK)
+        b = tl.load(b_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks < R)[None, :],
+                    other=0.0)  # (BLOCK_N, RANK_CHUNK)
+        a = tl.load(a_ptr + ranks[:, None].to(tl.int64) * K + cols[None, :],
+                    mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)  # (RANK_CHUNK, BLOCK_K)
+        if DOT_FP32:  # float32 operands, already rounded to the output dtype by the caller
+            delta = tl.dot(b, a, delta, input_precision="ieee")
+        else:
+            delta = tl.dot(b.to(out_ptr.dtype.element_ty), a.to(out_ptr.dtype.element_ty), delta)  # float32 sums
     out = weight + scaling * delta
     tl.store(out_ptr + rows64[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols < K)[None, :])

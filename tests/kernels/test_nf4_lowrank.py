@@ -8,8 +8,9 @@ from tests.kernels.nf4_inputs import random_nf4
 
 # (N, K, blocksize, r): tiles wider than a block and blocks wider than a tile (256 > the
 # interpreter's 32 columns), odd N, a rank that is not a power of two, rank 1, several
-# double-quant second-level blocks (N * K / blocksize > 256).
-SHAPES = [(40, 128, 64, 16), (33, 192, 64, 5), (24, 512, 256, 8), (7, 96, 32, 1), (24, 704, 32, 20)]
+# double-quant second-level blocks (N * K / blocksize > 256), a rank above one dot's 64.
+SHAPES = [(40, 128, 64, 16), (33, 192, 64, 5), (24, 512, 256, 8), (7, 96, 32, 1), (24, 704, 32, 20),
+          (17, 128, 64, 100)]  # rank 100: two rank chunks of 64
 
 
 def _assert_within_an_ulp(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -13,7 +13,8 @@ from tests.kernels.nf4_inputs import random_nf4
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-SHAPES = [(4096, 4096, 64, 16), (333, 1088, 32, 7), (1000, 4160, 64, 64), (77, 5120, 256, 1), (4101, 1024, 1024, 33)]
+SHAPES = [(4096, 4096, 64, 16), (333, 1088, 32, 7), (1000, 4160, 64, 64), (77, 5120, 256, 1), (4101, 1024, 1024, 33),
+          (515, 2048, 64, 200)]
 
 
 @pytest.mark.parametrize("n_rows,n_cols,blocksize,rank", SHAPES)

@@ -274,9 +274,8 @@ class Linear4bit(nn.Module):
             if self.weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and _kernels_available():
                 import kernels
                 return kernels.dequantize_nf4_lowrank(self.weight, self.kernel_weight(), lora_b, lora_a, scaling, dtype)
-            weight = dequantize_4bit(self.weight, self.quant_state, dtype=torch.float32)
-            delta = lora_b.to(dtype).float() @ lora_a.to(dtype).float()  # (out, in)
-            return (weight + scaling * delta).to(dtype)
+            from kernels import reference  # plain PyTorch, no Triton: the same formula as the kernel
+            return reference.dequantize_nf4_lowrank(self.weight, self.quant_state, lora_b, lora_a, scaling, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.shape[-1] != self.in_features:

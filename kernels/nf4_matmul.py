@@ -74,7 +74,7 @@ from kernels import nf4_gemv
 from kernels.launch import Tuned
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
-from kernels.nf4_mma import MMA_M_MAX, mma_fits, mma_gemv
+from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
@@ -392,10 +392,10 @@ def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Te
 
 
 def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
-                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   config: MmaConfig | None = None) -> torch.Tensor:
     """The tensor-core streaming kernel of kernels/nf4_mma.py for M <= MMA_M_MAX rows of 16-bit x on
-    CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config (warps per tile, groups per
-    iteration): None times nf4_mma.MMA_CONFIGS once per shape and keeps the fastest."""
+    CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config: None times nf4_mma.MMA_CONFIGS
+    once per shape and keeps the fastest."""
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4_mma", "in_features of the NF4 weight")
     _check_bias(bias, weight.n_rows, x.device)
@@ -408,7 +408,8 @@ def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Ten
     return _mma_forward(x2d, weight, bias, config).view(*x.shape[:-1], weight.n_rows)
 
 
-def _mma_forward(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config) -> torch.Tensor:
+def _mma_forward(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
+                 config: MmaConfig | None) -> torch.Tensor:
     """(M, N) = x2d (M, K) @ W.T (+ bias) once the inputs are checked (by matmul_nf4 or matmul_nf4_mma)."""
     if x2d.data_ptr() % 16 or x2d.stride(0) % 8:  # the kernel reads x 16 bytes at a time
         x2d = x2d.clone(memory_format=torch.contiguous_format)

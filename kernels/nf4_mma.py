@@ -3,7 +3,19 @@
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
-            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [fetch ahead]
+    In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
+    the end of the loop body (seen in the sm_90 SASS of every variant tried), so a word arrives ~40
+    instructions before its first byte permute and other warps must hide the DRAM latency. DEPTH 2
+    loads two iterations ahead: ptxas still issues them at the end of the body, but their use is a
+    whole iteration later, for ~24 more registers (two loaded iterations live). H100 (runs 66-68):
+    at M = 16, 11.1 -> 9.9 us on 4096 x 4096 and 26.2 -> 22.3 on 4096 x 14336; at M = 1 no gain;
+    both depths are timed per shape. Not kept: a prefetch.global.L2 of the iteration after next
+    (72 -> 66 us on 28672 x 8192, M = 1, in one build, gone in the next), the L2::256B
+    prefetch-size hint on the loads (slower everywhere), a warp barrier after the loads (ptxas
+    makes it a NOP and still moves them).
+
+Note [pair lookup])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
         partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
@@ -67,6 +79,8 @@ Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bi
 take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
 compiled for sm_90 in CI and checked against the reference on the GPU.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -75,7 +89,7 @@ from kernels.launch import cold_graph_bench
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
-__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MMA_CONFIGS", "untimed_config"]
+__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "untimed_config"]
 
 MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
 
@@ -296,6 +310,34 @@ def _advance(pairs, step, ROW_TILES: tl.constexpr):
 
 
 @triton.jit
+def _blocks_at(j, row_blocks, first, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr,
+               BLOCKSIZE: tl.constexpr):
+    """Per row tile, the blocks of rows g and g + 8 whose scales this lane decodes in iteration j
+    (group `first` + j UNROLL, Note [shared scales])."""
+    return _advance(row_blocks, (first + j * UNROLL) * (32 * VEC) // BLOCKSIZE, ROW_TILES)
+
+
+@triton.jit
+def _fetch_at(j, w_ats, row_blocks, first, absmax_ptr, VEC: tl.constexpr, UNROLL: tl.constexpr,
+              ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The loads of iteration j (w_ats: this lane's addresses in iteration 0)."""
+    blocks = _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+    return _fetch(_advance(w_ats, j * (UNROLL * 16 * VEC), ROW_TILES), _advance(blocks, absmax_ptr, ROW_TILES), VEC,
+                  UNROLL, ROW_TILES)
+
+
+@triton.jit
+def _iteration_at(acc, fetched, j, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
+                  planes, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """_iteration on the loads of iteration j (x_at, x8_at: this lane's x addresses in iteration 0)."""
+    step = j * (UNROLL * 64 * VEC)
+    return _iteration(acc, fetched, x_at + step, x8_at + step,
+                      _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
+                      nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+
+
+@triton.jit
 def _x_group(at, VEC: tl.constexpr):
     """This lane's 4 VEC pair registers of x at byte `at` (a 16-tuple padded with zeros)."""
     x0, x1, x2, x3 = _load_x16(at)
@@ -319,7 +361,7 @@ def _mma_gemv_kernel(
     M, N, K, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-    KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr,
+    KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
@@ -369,10 +411,35 @@ def _mma_gemv_kernel(
         sources = (quad, quad + 1)
     else:
         sources = (quad, quad + 1, quad + 2, quad + 3)
-    # Note [fetch ahead]: each iteration issues the next one's words and absmax entries before its own
-    # math, so a warp keeps its loads in flight while it computes; the last one is peeled off.
+    # Note [fetch ahead]: each iteration issues the loads of the iteration DEPTH ahead before its own
+    # math, so a warp keeps its loads in flight while it computes; the last DEPTH are peeled off.
     n_iter = count // UNROLL
-    if n_iter > 0:
+    if DEPTH == 2:
+        first = group + mine
+        if n_iter > 0:
+            current = _fetch_at(0, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+            following = _fetch_at(tl.minimum(1, n_iter - 1), w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL,
+                                  ROW_TILES, BLOCKSIZE)
+            for i in range(n_iter - 2):
+                ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+                acc = _iteration_at(acc, current, i, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
+                                    nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
+                                    ROW_TILES, BLOCKSIZE)
+                current = following
+                following = ahead
+            if n_iter >= 2:
+                acc = _iteration_at(acc, current, n_iter - 2, x_at, x8_at, row_blocks, first, sources,
+                                    nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
+                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE)
+                current = following
+            acc = _iteration_at(acc, current, n_iter - 1, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
+                                nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
+                                BLOCKSIZE)
+        w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
+        x_at += n_iter * (UNROLL * X_BYTES)
+        x8_at += n_iter * (UNROLL * X_BYTES)
+        group += n_iter * UNROLL
+    elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
         block = (group + mine) * GROUP // BLOCKSIZE
         blocks = _advance(row_blocks, block, ROW_TILES)
         fetched = _fetch(w_ats, _advance(blocks, absmax_ptr, ROW_TILES), VEC, UNROLL, ROW_TILES)
@@ -437,21 +504,32 @@ def _mma_gemv_kernel(
              y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
 
 
-# (warps per program, each taking a part of K; groups per loop iteration; 16-row tiles per warp),
-# timed per shape. One warp per program never won on the H100 (runs 36-40), so it is not tried.
-MMA_CONFIGS = [(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
-_CHOSEN: dict[tuple, tuple[int, int, int]] = {}
+class MmaConfig(NamedTuple):
+    """A launch of the kernel, timed per shape (mma_gemv)."""
+    ksplit: int             # warps per program, each taking a part of K
+    unroll: int             # groups per loop iteration
+    row_tiles: int          # 16-row tiles of W per warp (Note [row tiles])
+    depth: int = 1          # iterations from a load to its use (Note [fetch ahead])
 
 
-def untimed_config(n_rows: int) -> tuple[int, int, int]:
+# One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
+# ahead only won with one row tile and 8 warps (runs 66-68, benchmarks/RESULTS.md).
+MMA_CONFIGS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16)
+               for unroll in (2, 4)]
+MMA_CONFIGS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
+_CHOSEN: dict[tuple, MmaConfig] = {}
+
+
+def untimed_config(n_rows: int) -> MmaConfig:
     """A config without timing: about 4096 warps in all (the measured winners on the H100 are within
     one step of it, benchmarks/RESULTS.md), 4 groups per iteration, one 16-row tile per warp."""
     tiles = triton.cdiv(n_rows, 16)
-    return min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4, 1
+    return MmaConfig(min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4, 1)
 
 
-def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor, config) -> None:
-    ksplit, unroll, row_tiles = config
+def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+            config: MmaConfig) -> None:
+    ksplit, unroll, row_tiles, depth = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * row_tiles)
@@ -461,13 +539,13 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
         HAS_BIAS=bias is not None, M_TILES=m_tiles, FLOAT16=x2d.dtype == torch.float16, KSPLIT=ksplit,
-        UNROLL=unroll, ROW_TILES=row_tiles, num_warps=ksplit, num_stages=1)
+        UNROLL=unroll, ROW_TILES=row_tiles, DEPTH=depth, num_warps=ksplit, num_stages=1)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-             config: tuple[int, int, int] | None = None) -> torch.Tensor:
+             config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config (ksplit, unroll, row_tiles): None times MMA_CONFIGS once per shape
+    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS once per shape
     (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,

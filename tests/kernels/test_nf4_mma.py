@@ -38,8 +38,8 @@ def test_mma_fits(blocksize, n_cols, address, fits):
 
 @pytest.mark.parametrize("n_rows,warps", [(17, 16), (4096, 16), (8192, 8), (14336, 4), (28672, 2), (128256, 2)])
 def test_untimed_config_aims_at_about_4096_warps(n_rows, warps):
-    assert nf4_mma.untimed_config(n_rows) == (warps, 4, 1)
-    assert (warps, 4, 1) in nf4_mma.MMA_CONFIGS
+    assert nf4_mma.untimed_config(n_rows) == nf4_mma.MmaConfig(warps, 4, 1, depth=1)
+    assert nf4_mma.untimed_config(n_rows) in nf4_mma.MMA_CONFIGS
 
 
 def test_matmul_nf4_mma_says_what_it_needs():

@@ -12,7 +12,8 @@ For each W of N x K and each M (rows of x), bf16 throughout, the median time ove
     bnb     bitsandbytes.matmul_4bit, NF4 + double quant, when bitsandbytes imports
 Speedups are torch time / that time. Rates: GB/s of the bytes that must move (packed W + block
 stats + x + y) for M <= 64, TFLOP/s (2*M*N*K) for larger M. Then g @ W (the backward product) at
-M = 4096, and the dequantization kernel alone (GB/s of packed W + stats + the bf16 output).
+the same M, against bitsandbytes' backward (W dequantized, then a matmul), and the dequantization
+kernel alone (GB/s of packed W + stats + the bf16 output).
 --check compares every output with the fp64 product (and dequantization with the reference, bit
 for bit) before timing. The markdown tables go to stdout and, when OUT is set, $OUT/nf4_matmul.md.
 """
@@ -232,24 +233,34 @@ def main() -> int:
                     f"{fmt(speedup['dequant'], '.2f')} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             forward_rows.append(line)
-        for m in [r for r in rows if r > nf4_matmul.SMALL_M_MAX]:
+        for m in rows:
             g = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
             runs = {
                 "torch": lambda: g @ w,
                 "ours": lambda: kernels.matmul_nf4_t(g, packed, state),
-                "fused": lambda: nf4_matmul.matmul_nf4_t_fused(g, packed, state),
+                "fused": (lambda: nf4_matmul.matmul_nf4_t_fused(g, packed, state)) if m > SMALL_PATH_MAX_ROWS else None,
                 "dequant": lambda: nf4_matmul.matmul_nf4_t_dequantize(g, packed, state),
+                # bitsandbytes' backward of matmul_4bit: W dequantized, then a matmul
+                "bnb": (lambda: g @ bnb.functional.dequantize_4bit(packed, bnb_state)) if bnb_state is not None else None,
             }
+            if args.dispatch_only:
+                runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
             if args.check:
                 exact = exact_product(g, w)
                 for name, fn in runs.items():
-                    check(f"g@W {name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
+                    if fn is not None:
+                        check(f"g@W {name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
                 del exact
-            times = {name: median_us(fn) for name, fn in runs.items()}
+            timer = graphed_us if args.graphed else median_us
+            times = {name: (timer(fn) if fn is not None else None) for name, fn in runs.items()}
+            speedup = {name: (times["torch"] / t if t else None) for name, t in times.items()}
+            if m <= SMALL_PATH_MAX_ROWS:
+                rate = f"{(wbytes + (m * n_cols + m * n_rows) * 2) / times['ours'] / 1e3:.0f} GB/s"
+            else:
+                rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
-                    f"**{times['torch'] / times['ours']:.2f}** | {times['torch'] / times['fused']:.2f} | "
-                    f"{times['torch'] / times['dequant']:.2f} | "
-                    f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s |")
+                    f"**{speedup['ours']:.2f}** | {fmt(speedup['fused'], '.2f')} | {fmt(speedup['dequant'], '.2f')} | "
+                    f"{fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             backward_rows.append(line)
         del packed, state, bnb_state, w
@@ -262,8 +273,8 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *forward_rows,
         "\ng @ W (input gradient): times in us, speedup = torch bf16 `g @ W` time / time\n",
-        "| N x K | M | torch bf16 | ours | ours x | fused x | dequant+cuBLAS x | ours rate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N x K | M | torch bf16 | ours | ours x | fused x | dequant+cuBLAS x | bnb | bnb x | ours rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *backward_rows,
         "\ndequantize_nf4 alone (to bf16): time in us, GB/s of packed W + stats + bf16 output\n",
         "| N x K | us | GB/s |",

@@ -25,6 +25,10 @@ measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchma
                          kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
     other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
 
+g @ W (the input gradient, M = rows of g): for M <= MMA_M_MAX the transposed streaming kernel of
+kernels/nf4_mma_t.py (bfloat16 g, blocksize and K multiples of 64, even N: mma_t_fits), otherwise
+up to SMALL_M_MAX the small-M tiles of the kernel above, then LARGE_M_STRATEGY_T.
+
 Every function takes `(packed, state)`, where `state` may also be the `NF4Weight` that
 `kernels.prepare(packed, state)` returns: quant.Linear4bit prepares once and keeps it, so a call
 does no checking or reshaping on the host (at M = 1 a 4096 x 4096 product is a few microseconds
@@ -75,10 +79,11 @@ from kernels.launch import Tuned
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
 from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
+from kernels.nf4_mma_t import MmaTConfig, mma_gemv_t, mma_t_fits
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
-           "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
+           "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_mma", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
            "matmul_nf4_t_dequantize", "split_for_small_m"]
 
 # Dispatch (see the module docstring). Set from H100 measurements.
@@ -451,8 +456,42 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """g @ W: (..., N) -> (..., K) in g's dtype (the input gradient of x @ W.T), dispatched by M."""
     m = math.prod(g.shape[:-1])
     if m <= SMALL_M_MAX:
-        return matmul_nf4_t_small_m(g, packed, state)
+        weight = nf4_weight(packed, state, g.device)
+        if 0 < m <= MMA_M_MAX and _mma_t_runs(g, weight):
+            return _mma_t_forward(g, weight, None)
+        return matmul_nf4_t_small_m(g, packed, weight)
     return _LARGE_M[LARGE_M_STRATEGY_T][1](g, packed, state)
+
+
+def matmul_nf4_t_mma(g: torch.Tensor, packed: torch.Tensor, state, config: MmaTConfig | None = None) -> torch.Tensor:
+    """g @ W on the tensor-core streaming kernel of kernels/nf4_mma_t.py: at most MMA_M_MAX rows of
+    bfloat16 g on CUDA, blocksize and K multiples of 64, even N. config: None times
+    nf4_mma_t.MMA_T_CONFIGS once per shape and keeps the fastest."""
+    weight = nf4_weight(packed, state, g.device)
+    _flat_input(g, weight.n_rows, "matmul_nf4_t_mma", "out_features of the NF4 weight")
+    if not _mma_t_runs(g, weight):
+        raise ValueError(f"matmul_nf4_t_mma: needs bfloat16 g on CUDA (got {g.dtype} on {g.device}), blocksize and "
+                         f"K multiples of 64 and even N (got blocksize {weight.blocksize}, N {weight.n_rows}, "
+                         f"K {weight.n_cols}) and packed codes starting on 16 bytes")
+    m = math.prod(g.shape[:-1])
+    if not 0 < m <= MMA_M_MAX:
+        raise ValueError(f"matmul_nf4_t_mma: takes 1 to {MMA_M_MAX} rows of g, got {m}")
+    return _mma_t_forward(g, weight, config)
+
+
+def _mma_t_runs(g: torch.Tensor, weight: NF4Weight) -> bool:
+    return (g.is_cuda and not interpreting() and g.dtype == torch.bfloat16
+            and mma_t_fits(weight.blocksize, weight.n_rows, weight.n_cols, weight.packed.data_ptr()))
+
+
+def _mma_t_forward(g: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None) -> torch.Tensor:
+    """g @ W once the inputs are checked (by matmul_nf4_t or matmul_nf4_t_mma)."""
+    g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
+    if g2d.data_ptr() % 4 or g2d.stride(0) % 2:  # the kernel reads g two values at a time
+        g2d = g2d.clone(memory_format=torch.contiguous_format)
+    with on_device(g.device):
+        out = mma_gemv_t(g2d, weight, config)
+    return out.view(*g.shape[:-1], weight.n_cols)
 
 
 def matmul_nf4_t_small_m(g: torch.Tensor, packed: torch.Tensor, state, split_n: int | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_matmul, nf4_mma, rotary
+    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_matmul, nf4_mma, nf4_mma_t, rotary
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -108,6 +108,16 @@ def _compile_all() -> list[dict]:
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))
+    for m_tiles, blocksize, double_quant, warps in ((1, 64, True, 4), (2, 128, False, 8)):
+        constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
+                          M_TILES=m_tiles, WARPS=warps)
+        if m_tiles == 1:
+            constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
+        run(f"mma g @ W blocksize={blocksize} M_TILES={m_tiles} WARPS={warps}", nf4_mma_t._mma_t_kernel,
+            dict(g_ptr=torch.bfloat16, packed_ptr=torch.uint8, absmax_ptr=torch.uint8 if double_quant else torch.float32,
+                 nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
+                 code_planes_ptr=torch.int32, scratch_ptr=torch.float32, out32_ptr=torch.float32, M=16, N=4096, K=4096, stride_gm=4096,
+                 rows_per_program=512), constexprs, triton.Config({}, num_warps=warps, num_stages=1))
     for i, config in enumerate(nf4_lowrank._CONFIGS):  # every config; float16 / float32 and blocksize 256 once
         dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64), (torch.bfloat16, 32))[i % 4]
         run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize}", nf4_lowrank._lowrank_kernel.fn,
@@ -143,7 +153,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 46
+    assert len(results) == 48
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import nf4_matmul, nf4_mma
+from kernels import nf4_matmul, nf4_mma, nf4_mma_t
 from tests.kernels.nf4_inputs import NF4_CODE, random_nf4
 
 
@@ -116,3 +116,10 @@ def test_pair_lookup_ptx_gives_each_byte_its_two_codes_in_order(float16):
         byte = (words >> (8 * pair)) & 0xFF
         want = table[(byte >> 4).astype(np.int64)] | (table[(byte & 0xF).astype(np.int64)] << 16)
         np.testing.assert_array_equal(regs[f"${pair}"], want)
+
+
+@pytest.mark.parametrize("blocksize,n_rows,n_cols,address,fits", [
+    (64, 4096, 4096, 0, True), (256, 2, 128, 16, True), (32, 4096, 4096, 0, False),
+    (64, 4095, 4096, 0, False), (64, 4096, 4160 + 32, 0, False), (64, 4096, 4096, 4, False)])
+def test_mma_t_fits(blocksize, n_rows, n_cols, address, fits):
+    assert nf4_mma_t.mma_t_fits(blocksize, n_rows, n_cols, address) is fits

@@ -4,6 +4,7 @@
     kernels.dequantize_nf4_lowrank(packed, state, b, a, s, dtype) -> W + s b @ a (N, K), one pass
     kernels.matmul_nf4(x, packed, state, bias=None)             -> x @ W.T (+ bias)   (..., K) -> (..., N)
     kernels.matmul_nf4_t(g, packed, state)                      -> g @ W              (..., N) -> (..., K)
+    kernels.matmul_nf4_t_lowrank(g, packed, state, b, a, s)     -> g @ (W + s b @ a)  (..., N) -> (..., K)
     kernels.apply_rotary(x, cos, sin)                           x * cos + rotate_half(x) * sin, fused
     kernels.reference.*                                          the same in plain PyTorch
 
@@ -19,7 +20,8 @@ import torch
 
 from kernels import reference
 
-__all__ = ["available", "prepare", "dequantize_nf4", "dequantize_nf4_lowrank", "matmul_nf4", "matmul_nf4_t", "apply_rotary", "reference"]
+__all__ = ["available", "prepare", "dequantize_nf4", "dequantize_nf4_lowrank", "matmul_nf4", "matmul_nf4_t",
+           "matmul_nf4_t_lowrank", "apply_rotary", "reference"]
 
 
 def available() -> bool:
@@ -64,6 +66,15 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """g @ W, the input gradient of x @ W.T."""
     from kernels.nf4_matmul import matmul_nf4_t as run
     return run(g, packed, state)
+
+
+def matmul_nf4_t_lowrank(g: torch.Tensor, packed: torch.Tensor, state, lora_b: torch.Tensor, lora_a: torch.Tensor,
+                         scaling: float, g_b: torch.Tensor | None = None) -> torch.Tensor:
+    """g @ (W + scaling * lora_b @ lora_a), the input gradient of a LoRA layer over a 4-bit base: W
+    streamed plus an addmm at small M, W + s b @ a dequantized in one pass above (kernels/nf4_lowrank.py).
+    g_b: g @ lora_b, when the caller has it."""
+    from kernels.nf4_lowrank import matmul_nf4_t_lowrank as run
+    return run(g, packed, state, lora_b, lora_a, scaling, g_b)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -19,15 +19,23 @@ kernel multiplies in float32.
 
 Needs rows of whole blocks (K % blocksize == 0); for everything else the wrapper falls back to
 kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch.
+
+`matmul_nf4_t_lowrank` is the product the merged weight exists for, g @ (W + s B A), dispatched by
+M like kernels.matmul_nf4_t: up to nf4_matmul.SMALL_M_MAX rows of g, the small-M kernel streams
+the 4-bit W (writing W' would move 4x its bytes for a product that reads W once) and an addmm adds
+s (g B) A; above, W' is written once and multiplied by cuBLAS.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels import nf4_matmul
 from kernels.launch import Tuned, cold_graph_bench
 from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
-__all__ = ["dequantize_nf4_lowrank", "lowrank_fits"]
+__all__ = ["dequantize_nf4_lowrank", "matmul_nf4_t_lowrank", "lowrank_fits"]
 
 _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
             for n, k, w in ((32, 256, 4), (64, 128, 4), (16, 256, 2), (16, 512, 4), (32, 512, 8), (32, 128, 2))]
@@ -135,6 +143,27 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
             enable_fp_fusion=False,  # w + s * delta rounded as the reference: see the module docstring
         )
     return out
+
+
+def matmul_nf4_t_lowrank(g: torch.Tensor, packed: torch.Tensor, state, lora_b: torch.Tensor, lora_a: torch.Tensor,
+                         scaling: float, g_b: torch.Tensor | None = None) -> torch.Tensor:
+    """g @ (W + scaling * lora_b @ lora_a): (..., N) -> (..., K) in g's dtype, dispatched by M (the
+    module docstring). g_b: g @ lora_b (M, r), when the caller has it (a LoRA backward does)."""
+    weight = nf4_weight(packed, state, packed.device)
+    if g.shape[-1] != weight.n_rows:
+        raise ValueError(f"matmul_nf4_t_lowrank: g of shape {tuple(g.shape)} must end in the weight's "
+                         f"{weight.n_rows} rows")
+    m = math.prod(g.shape[:-1])
+    if m > nf4_matmul.SMALL_M_MAX:
+        return g @ dequantize_nf4_lowrank(packed, weight, lora_b, lora_a, scaling, g.dtype)
+    g2 = g.reshape(m, weight.n_rows)  # (M, N)
+    grad = nf4_matmul.matmul_nf4_t(g2, packed, weight)  # (M, K)
+    g_b = g2 @ lora_b.to(g.dtype) if g_b is None else g_b.reshape(m, -1)  # (M, r)
+    if g_b.dtype == grad.dtype:
+        grad.addmm_(g_b, lora_a.to(grad.dtype), alpha=scaling)
+    else:
+        grad += (scaling * (g_b @ lora_a.to(g_b.dtype))).to(grad.dtype)
+    return grad.view(*g.shape[:-1], weight.n_cols)
 
 
 def _forced(config: triton.Config):

@@ -20,10 +20,13 @@ Note [merged input gradient]
     against 2.9e-3 for the bf16 layer's g W + s (g B) A). Only dx uses W': the forward keeps the
     low-rank term separate, so the adapter's effect on y is not rounded to W's precision. The
     merged dequantization costs 1.4-1.6x the plain one, less than the (M, K) pass it saves at
-    M = 4096 (benchmarks/RESULTS.md).
+    M = 4096 (benchmarks/RESULTS.md). At M <= 16 rows the product reads W once and writing W'
+    would cost more than the product: there kernels/nf4_mma_t.py streams the 4-bit W and an addmm
+    adds s (g B) A (kernels.matmul_nf4_t_lowrank, which `Linear4bit.input_gradient` calls): 1.8-3.7x
+    faster than the merged weight at M = 1 and 16 (H100, run 74).
 
 Takes: no DoRA, no active dropout, and a base without trainable parameters that is an nn.Linear
-or has `dequantize_lowrank(lora_b, lora_a, scaling, dtype)` (quant.Linear4bit). lora/layers.py
+or has `input_gradient(grad, lora_b, lora_a, scaling, grad_b)` (quant.Linear4bit). lora/layers.py
 decides (`fits`); everything else runs through autograd as before.
 """
 import torch
@@ -33,10 +36,10 @@ __all__ = ["LoRAFunction", "fits"]
 
 
 def fits(base: nn.Module) -> bool:
-    """A frozen nn.Linear, or a frozen module that can merge a low-rank term into its weight."""
+    """A frozen nn.Linear, or a frozen module that computes g (W + s B A) itself."""
     if any(p.requires_grad for p in base.parameters()):
         return False
-    return isinstance(base, nn.Linear) or callable(getattr(base, "dequantize_lowrank", None))
+    return isinstance(base, nn.Linear) or callable(getattr(base, "input_gradient", None))
 
 
 def _adapter_dtype(x: torch.Tensor, a: torch.Tensor) -> torch.dtype:
@@ -94,4 +97,4 @@ def _input_grad(base: nn.Module, g: torch.Tensor, gb: torch.Tensor, a: torch.Ten
         if gb.dtype == grad_x.dtype:
             return grad_x.addmm_(gb, a, alpha=scaling)
         return grad_x + (scaling * (gb @ a)).to(grad_x.dtype)
-    return g @ base.dequantize_lowrank(b, a, scaling, g.dtype)  # Note [merged input gradient]
+    return base.input_gradient(g, b, a, scaling, gb)  # Note [merged input gradient]

@@ -277,6 +277,19 @@ class Linear4bit(nn.Module):
             from kernels import reference  # plain PyTorch, no Triton: the same formula as the kernel
             return reference.dequantize_nf4_lowrank(self.weight, self.quant_state, lora_b, lora_a, scaling, dtype)
 
+    def input_gradient(self, grad: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,
+                       grad_b: torch.Tensor | None = None) -> torch.Tensor:
+        """grad @ (W + scaling * lora_b @ lora_a): (M, out) -> (M, in) in grad's dtype, the input
+        gradient of a LoRA layer over this one (lora/function.py). grad_b: grad @ lora_b, if the
+        caller has it. On the GPU kernels.matmul_nf4_t_lowrank picks by M between streaming W
+        (small M) and the merged weight of `dequantize_lowrank`; elsewhere the merged weight."""
+        with torch.no_grad():
+            if _on_kernels(grad):
+                import kernels
+                return kernels.matmul_nf4_t_lowrank(grad, self.weight, self.kernel_weight(), lora_b, lora_a, scaling,
+                                                    grad_b)
+            return grad @ self.dequantize_lowrank(lora_b, lora_a, scaling, grad.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.shape[-1] != self.in_features:
             raise ValueError(

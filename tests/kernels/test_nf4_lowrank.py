@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.nf4_lowrank import dequantize_nf4_lowrank, lowrank_fits
+from kernels import nf4_matmul
+from kernels.nf4_lowrank import dequantize_nf4_lowrank, lowrank_fits, matmul_nf4_t_lowrank
 from tests.kernels.nf4_inputs import random_nf4
 
 # (N, K, blocksize, r): tiles wider than a block and blocks wider than a tile (256 > the
@@ -87,3 +88,44 @@ def test_every_config_in_the_interpreter():
         config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4)
         got = nf4_lowrank.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32, config=config)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_input_gradient_streams_w_at_small_m_and_merges_above(m):
+    """g @ (W + s B A): up to SMALL_M_MAX rows the small-M product of g @ W plus an addmm, above it
+    one product with the merged weight; both the same function to float32 rounding."""
+    n_rows, n_cols, rank = 40, 128, 4
+    packed, state = random_nf4(n_rows, n_cols, 64, double_quant=True)
+    lora_b, lora_a = _adapter(n_rows, n_cols, rank)
+    g = torch.randn(2, m, n_rows)
+    got = matmul_nf4_t_lowrank(g, packed, state, lora_b, lora_a, 0.5)
+    merged = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float64)
+    want = g.double() @ merged
+    assert got.shape == (2, m, n_cols) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    g2 = g.reshape(-1, n_rows)
+    if 2 * m <= nf4_matmul.SMALL_M_MAX:  # the path: W streamed, the adapter added by addmm
+        streamed = nf4_matmul.matmul_nf4_t(g2, packed, state).addmm_(g2 @ lora_b, lora_a, alpha=0.5)
+    else:
+        streamed = g2 @ dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32)
+    assert torch.equal(got.reshape(-1, n_cols), streamed)
+    g_b = g @ lora_b  # a caller's g @ B is used as given
+    assert torch.equal(matmul_nf4_t_lowrank(g, packed, state, lora_b, lora_a, 0.5, g_b), got)
+
+
+def test_input_gradient_with_a_float32_adapter_and_16_bit_g():
+    packed, state = random_nf4(24, 64, 64, double_quant=False)
+    lora_b, lora_a = _adapter(24, 64, 8)
+    g = torch.randn(3, 24).half()
+    got = matmul_nf4_t_lowrank(g, packed, state, lora_b, lora_a, 2.0, g.float() @ lora_b)
+    want = g.double() @ reference.dequantize_nf4(packed, state, torch.float64) + 2.0 * (g.double() @ lora_b.double()
+                                                                                         @ lora_a.double())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+def test_input_gradient_names_a_mismatched_g():
+    packed, state = random_nf4(24, 64, 64)
+    lora_b, lora_a = _adapter(24, 64, 8)
+    with pytest.raises(ValueError, match=r"matmul_nf4_t_lowrank: g of shape \(3, 23\) must end in the weight's 24"):
+        matmul_nf4_t_lowrank(torch.randn(3, 23), packed, state, lora_b, lora_a, 1.0)

@@ -40,8 +40,24 @@ def _check(n_rows, n_cols, blocksize, rank, dtype, config):
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6 * want.float().abs().max().item())
 
 
-@pytest.mark.parametrize("n_rows,n_cols", [(4096, 4096), (96, 320)])
-def test_lora_over_a_4bit_base_on_the_gpu(n_rows, n_cols):
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_gradient_against_float64(m, dtype):
+    """matmul_nf4_t_lowrank: streamed W plus an addmm (M <= 16) or the merged weight (above)."""
+    packed, state = random_nf4(1000, 4160, 64, double_quant=True, device="cuda")
+    lora_b = torch.randn(1000, 16, device="cuda") * 0.05
+    lora_a = torch.randn(16, 4160, device="cuda") / 4
+    g = torch.randn(m, 1000, device="cuda").to(dtype)
+    got = nf4_lowrank.matmul_nf4_t_lowrank(g, packed, state, lora_b, lora_a, 2.0)
+    weight = reference.dequantize_nf4(packed, state, torch.float64) + 2.0 * (lora_b.double() @ lora_a.double())
+    want = g.double() @ weight
+    scale = (g.double().abs() @ weight.abs()).max().item()
+    assert got.dtype == dtype and got.shape == (m, 4160)
+    assert (got.double() - want).abs().max().item() < 1e-2 * scale
+
+
+@pytest.mark.parametrize("n_rows,n_cols,rows", [(4096, 4096, 700), (96, 320, 700), (4096, 4096, 1), (1000, 2048, 5)])
+def test_lora_over_a_4bit_base_on_the_gpu(n_rows, n_cols, rows):
     """Forward and backward through the kernels against the same layer over the dequantized weight."""
     torch.manual_seed(0)
     base4 = quant.Linear4bit.from_weight(torch.randn(n_rows, n_cols, device="cuda") * 0.02,
@@ -54,8 +70,8 @@ def test_lora_over_a_4bit_base_on_the_gpu(n_rows, n_cols):
             torch.manual_seed(1)
             layer.lora_A.weight.normal_(std=n_cols ** -0.5)
             layer.lora_B.weight.normal_(std=0.05)
-    x = torch.randn(3, 700, n_cols, device="cuda", requires_grad=True)
-    grad = torch.randn(3, 700, n_rows, device="cuda")
+    x = torch.randn(3, rows, n_cols, device="cuda", requires_grad=True)
+    grad = torch.randn(3, rows, n_rows, device="cuda")
     results = []
     for layer in layers:
         x.grad = None

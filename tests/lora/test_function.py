@@ -78,6 +78,7 @@ def test_4bit_base_merges_the_adapter_into_the_input_gradient():
     torch.testing.assert_close(db, db_want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, grad @ base.dequantize_lowrank(b, a, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(dx, base.input_gradient(grad, b, a, 2.0), rtol=0, atol=0)
 
 
 def test_4bit_merged_weight_is_rounded_once():

@@ -89,12 +89,61 @@ def _scaled_pair(pair, s0, s1):
 
 
 @triton.jit
-def _row_scale(row, block_col, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr, shift,
-               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """The float32 scale of `row` (clamped to the rows of W) in block column `block_col`; 0 past N."""
+def _group_loads(n0, word_at, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t, BLOCKSIZE: tl.constexpr,
+                 M_TILES: tl.constexpr):
+    """The loads of rows n0 .. n0 + 15 (Note [transposed lane map]): this lane's word of its 4 rows of
+    W, the absmax entry of the row whose scale it decodes (with that row and block), and g at its
+    rows (2t, 2t+1) and (2t+8, 2t+9) for rows gid (and gid + 8) of g; even N keeps each g pair in its row."""
+    rows = (n0 + 2 * t, n0 + 2 * t + 1, n0 + 2 * t + 8, n0 + 2 * t + 9)
+    words = ()
+    for i in tl.static_range(4):
+        words = words + (_load_b32(word_at + tl.minimum(rows[i], N - 1).to(tl.int64) * (K // 2)),)
+    row = n0 + my_offset
     block = tl.minimum(row, N - 1) * (K // BLOCKSIZE) + block_col
-    scale = _scale(tl.load(absmax_ptr + block), block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)
-    return tl.where(row < N, scale, 0.0)
+    g_lo = g_ptr.to(tl.int64) + tl.minimum(rows[0], N - 2) * 2
+    g_hi = g_ptr.to(tl.int64) + tl.minimum(rows[2], N - 2) * 2
+    gs = (_load_b32(g_lo + g_m * 2), _load_b32(g_hi + g_m * 2))
+    if M_TILES == 2:
+        gs = gs + (_load_b32(g_lo + g8_m * 2), _load_b32(g_hi + g8_m * 2))
+    return words, (tl.load(absmax_ptr + block), block, row), gs
+
+
+@triton.jit
+def _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, planes, t, N, M_TILES: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr):
+    """acc (4 tiles x C of rows 0-7 of g) and acc8 (rows 8-15, M_TILES 2) += one group of 16 rows."""
+    words, decode, gs = loaded
+    entry, block, row = decode
+    p0, p1, p2, p3, p4, p5, p6, p7 = planes
+    pairs = ()
+    for i in tl.static_range(4):
+        pairs = pairs + (_pairs(words[i], p0, p1, p2, p3, p4, p5, p6, p7),)
+    mine = tl.where(row < N, _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT), 0.0)
+    s0 = _shuffle(mine, t)  # lanes 4 gid' + t hold the scales of the rows gid' = 0..3 of this t
+    s1 = _shuffle(mine, 4 + t)
+    s2 = _shuffle(mine, 8 + t)
+    s3 = _shuffle(mine, 12 + t)
+    b0 = _scaled_pair(gs[0], s0, s1)  # Note [scales in g]
+    b1 = _scaled_pair(gs[1], s2, s3)
+    if M_TILES == 2:
+        b80 = _scaled_pair(gs[2], s0, s1)
+        b81 = _scaled_pair(gs[3], s2, s3)
+    z = 0.0
+    new_acc = ()
+    new_acc8 = ()
+    for j in tl.static_range(4):
+        a0, a1 = _along_n(pairs[0][j], pairs[1][j])  # rows gid, gid + 8 of tile j at slots 2t, 2t + 1
+        a2, a3 = _along_n(pairs[2][j], pairs[3][j])  # the same at slots 2t + 8, 2t + 9
+        c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3],
+                              False)
+        new_acc = new_acc + (c0, c1, c2, c3)
+        if M_TILES == 2:
+            d0, d1, d2, d3 = _mma(a0, a1, a2, a3, b80, b81, acc8[4 * j], acc8[4 * j + 1], acc8[4 * j + 2],
+                                  acc8[4 * j + 3], False)
+            new_acc8 = new_acc8 + (d0, d1, d2, d3)
+        else:
+            new_acc8 = new_acc8 + (z, z, z, z)
+    return new_acc, new_acc8
 
 
 @triton.jit
@@ -111,7 +160,6 @@ def _mma_t_kernel(
     at = code_planes_ptr + 16 * 32 + lane  # the bfloat16 planes (nf4_mma Note [pair lookup]), one copy per lane
     planes = (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
               tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
-    p0, p1, p2, p3, p4, p5, p6, p7 = planes
     if DOUBLE_QUANT and OFFSET_IS_POINTER:
         shift = tl.load(offset)
     else:
@@ -131,42 +179,10 @@ def _mma_t_kernel(
     acc = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)  # tiles 0-3: C of column tile 0 (rows of g 0-7)
     acc8 = acc  # column tile 1 (rows of g 8-15), M_TILES 2
     for n0 in range(first_row, last_row, 16):
-        rows = (n0 + 2 * t, n0 + 2 * t + 1, n0 + 2 * t + 8, n0 + 2 * t + 9)
-        pairs = ()
-        for i in tl.static_range(4):
-            word = _load_b32(word_at + tl.minimum(rows[i], N - 1).to(tl.int64) * (K // 2))
-            pairs = pairs + (_pairs(word, p0, p1, p2, p3, p4, p5, p6, p7),)
-        mine = _row_scale(n0 + my_offset, block_col, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr, shift,
-                          BLOCKSIZE, DOUBLE_QUANT)
-        quad_t = t  # lanes 4 gid' + t hold the scales of rows gid' = 0..3 of this t
-        s0 = _shuffle(mine, quad_t)
-        s1 = _shuffle(mine, 4 + quad_t)
-        s2 = _shuffle(mine, 8 + quad_t)
-        s3 = _shuffle(mine, 12 + quad_t)
-        # B: g at rows (2t, 2t+1) and (2t+8, 2t+9) of this 16, scaled; even N keeps each pair in g's row.
-        g_lo = g_ptr.to(tl.int64) + tl.minimum(rows[0], N - 2) * 2
-        g_hi = g_ptr.to(tl.int64) + tl.minimum(rows[2], N - 2) * 2
-        b0 = _scaled_pair(_load_b32(g_lo + g_m * 2), s0, s1)
-        b1 = _scaled_pair(_load_b32(g_hi + g_m * 2), s2, s3)
-        if M_TILES == 2:
-            b80 = _scaled_pair(_load_b32(g_lo + g8_m * 2), s0, s1)
-            b81 = _scaled_pair(_load_b32(g_hi + g8_m * 2), s2, s3)
-        new_acc = ()
-        new_acc8 = ()
-        for j in tl.static_range(4):
-            a0, a1 = _along_n(pairs[0][j], pairs[1][j])  # rows gid, gid + 8 of tile j at slots 2t, 2t + 1
-            a2, a3 = _along_n(pairs[2][j], pairs[3][j])  # the same at slots 2t + 8, 2t + 9
-            c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, acc[4 * j], acc[4 * j + 1], acc[4 * j + 2],
-                                  acc[4 * j + 3], False)
-            new_acc = new_acc + (c0, c1, c2, c3)
-            if M_TILES == 2:
-                d0, d1, d2, d3 = _mma(a0, a1, a2, a3, b80, b81, acc8[4 * j], acc8[4 * j + 1], acc8[4 * j + 2],
-                                      acc8[4 * j + 3], False)
-                new_acc8 = new_acc8 + (d0, d1, d2, d3)
-            else:
-                new_acc8 = new_acc8 + (z, z, z, z)
-        acc = new_acc
-        acc8 = new_acc8
+        loaded = _group_loads(n0, word_at, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t, BLOCKSIZE,
+                              M_TILES)
+        acc, acc8 = _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, planes, t, N, M_TILES,
+                                DOUBLE_QUANT)
     # C of tile j: rows gid (column 8 gid + 2j of the program's) and gid + 8 (the next column) of
     # out.T, columns 2t, 2t + 1 (rows of out). The warps' sums go to this program's scratch, then
     # one float32 atomic add per output of the program (not one per warp).
@@ -197,6 +213,7 @@ class MmaTConfig(NamedTuple):
     rows_per_warp: int  # rows of W per warp (a multiple of 16), which sets the programs along N
 
 
+# Two groups of 16 rows per iteration, all loaded before the math, were no faster (run 75).
 MMA_T_CONFIGS = [MmaTConfig(w, r) for w in (4, 8) for r in (64, 128, 256, 512)]
 _CHOSEN: dict[tuple, MmaTConfig] = {}
 

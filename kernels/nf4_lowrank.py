@@ -21,9 +21,9 @@ Needs rows of whole blocks (K % blocksize == 0); for everything else the wrapper
 kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch.
 
 `matmul_nf4_t_lowrank` is the product the merged weight exists for, g @ (W + s B A), dispatched by
-M like kernels.matmul_nf4_t: up to nf4_matmul.SMALL_M_MAX rows of g, the small-M kernel streams
-the 4-bit W (writing W' would move 4x its bytes for a product that reads W once) and an addmm adds
-s (g B) A; above, W' is written once and multiplied by cuBLAS.
+M like kernels.matmul_nf4_t: up to nf4_matmul.SMALL_M_MAX rows of g, kernels.matmul_nf4_t streams
+the 4-bit W (kernels/nf4_mma_t.py for bfloat16 g; writing W' would move 4x its bytes for a product
+that reads W once) and an addmm adds s (g B) A; above, W' is written once and multiplied by cuBLAS.
 """
 import math
 

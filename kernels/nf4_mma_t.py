@@ -19,8 +19,8 @@ Note [transposed lane map]
     its row gid is column 8 gid + 2j (the byte's high nibble) and its row gid + 8 is column
     8 gid + 2j + 1. The lookup gives a word as four pairs along K, (column 2j, column 2j + 1) of one
     row of W; the A registers want pairs along N (two rows, one column), so one prmt per register
-    transposes the 2 x 2 block of two rows' pairs. The output columns of a tile are strided; the
-    atomic adds at the end write each where it belongs.
+    transposes the 2 x 2 block of two rows' pairs. The output columns of a tile are strided: each
+    lane stores its sums at their columns in the program's scratch, where the warps are summed.
 
 Note [scales in g]
     The mma sums over 16 rows of W, each with its own block scale, so the scale cannot multiply the

@@ -127,6 +127,28 @@ def check(name: str, got: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor]
         failures.append(name)
 
 
+def measure(runs: dict, operands, label: str, graphed: bool, failures: list) -> tuple[dict, dict]:
+    """(times in us, speedups against runs["torch"]) of every run that is not None, each first checked
+    against the fp64 product of `operands` (a, b) when given."""
+    if operands is not None:
+        exact = exact_product(*operands)
+        for name, fn in runs.items():
+            if fn is not None:
+                check(f"{label} {name}", fn(), exact, failures)
+        del exact
+    timer = graphed_us if graphed else median_us
+    times = {name: (timer(fn) if fn is not None else None) for name, fn in runs.items()}
+    return times, {name: (times["torch"] / t if t else None) for name, t in times.items()}
+
+
+def rate_of(m: int, n_rows: int, n_cols: int, wbytes: int, us: float) -> str:
+    """GB/s of the bytes that must move (W, its statistics, the input and the output) at small M,
+    TFLOP/s above."""
+    if m <= SMALL_PATH_MAX_ROWS:
+        return f"{(wbytes + (m * n_cols + m * n_rows) * 2) / us / 1e3:.0f} GB/s"
+    return f"{2 * m * n_rows * n_cols / us / 1e6:.0f} TFLOP/s"
+
+
 def fmt(value, spec=".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -214,19 +236,9 @@ def main() -> int:
             }
             if args.dispatch_only:
                 runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
-            if args.check:
-                exact = exact_product(x, w.T)
-                for name, fn in runs.items():
-                    if fn is not None:
-                        check(f"{name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
-                del exact
-            timer = graphed_us if args.graphed else median_us
-            times = {name: (timer(fn) if fn is not None else None) for name, fn in runs.items()}
-            speedup = {name: (times["torch"] / t if t else None) for name, t in times.items()}
-            if m <= SMALL_PATH_MAX_ROWS:
-                rate = f"{(wbytes + (m * n_cols + m * n_rows) * 2) / times['ours'] / 1e3:.0f} GB/s"
-            else:
-                rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
+            times, speedup = measure(runs, (x, w.T) if args.check else None, f"{n_rows}x{n_cols} M={m}", args.graphed,
+                                     failures)
+            rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
                     f"**{speedup['ours']:.2f}** | {fmt(speedup['gemv'], '.2f')} | {fmt(speedup['small'], '.2f')} | "
                     f"{fmt(speedup['fused'], '.2f')} | "
@@ -245,19 +257,9 @@ def main() -> int:
             }
             if args.dispatch_only:
                 runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
-            if args.check:
-                exact = exact_product(g, w)
-                for name, fn in runs.items():
-                    if fn is not None:
-                        check(f"g@W {name} {n_rows}x{n_cols} M={m}", fn(), exact, failures)
-                del exact
-            timer = graphed_us if args.graphed else median_us
-            times = {name: (timer(fn) if fn is not None else None) for name, fn in runs.items()}
-            speedup = {name: (times["torch"] / t if t else None) for name, t in times.items()}
-            if m <= SMALL_PATH_MAX_ROWS:
-                rate = f"{(wbytes + (m * n_cols + m * n_rows) * 2) / times['ours'] / 1e3:.0f} GB/s"
-            else:
-                rate = f"{2 * m * n_rows * n_cols / times['ours'] / 1e6:.0f} TFLOP/s"
+            times, speedup = measure(runs, (g, w) if args.check else None, f"g@W {n_rows}x{n_cols} M={m}",
+                                     args.graphed, failures)
+            rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
                     f"**{speedup['ours']:.2f}** | {fmt(speedup['fused'], '.2f')} | {fmt(speedup['dequant'], '.2f')} | "
                     f"{fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")

@@ -204,6 +204,24 @@ def _shuffle(value, source):
 
 
 @triton.jit
+def _lane_planes(code_planes_ptr, lane, FLOAT16: tl.constexpr):
+    """The 8 registers of code-value bytes (Note [pair lookup]) for float16 or bfloat16; each lane reads
+    its own copy of the planes, so that ptxas keeps them in per-lane registers."""
+    at = code_planes_ptr + (0 if FLOAT16 else 16 * 32) + lane
+    return (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
+            tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
+
+
+@triton.jit
+def _shift(offset, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr):
+    """The double-quant offset added to every decoded scale, read once."""
+    if DOUBLE_QUANT and OFFSET_IS_POINTER:
+        return tl.load(offset)
+    else:
+        return offset
+
+
+@triton.jit
 def _scale(entry, block, nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT: tl.constexpr):
     """float32 scale of block `block` from its absmax entry (uint8 code with double quant)."""
     if DOUBLE_QUANT:
@@ -372,14 +390,8 @@ def _mma_gemv_kernel(
     lane, warp = _lane_ids(tile)
     g = lane >> 2
     t = lane & 3
-    # Each lane reads its own copy of the planes, so that ptxas keeps them in per-lane registers.
-    at = code_planes_ptr + (0 if FLOAT16 else 16 * 32) + lane
-    planes = (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
-              tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
-    if DOUBLE_QUANT and OFFSET_IS_POINTER:
-        shift = tl.load(offset)
-    else:
-        shift = offset
+    planes = _lane_planes(code_planes_ptr, lane, FLOAT16)
+    shift = _shift(offset, DOUBLE_QUANT, OFFSET_IS_POINTER)
     n_groups = K // GROUP
     per_warp = tl.cdiv(n_groups, KSPLIT)
     group = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [group, group + count)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import cold_graph_bench
-from kernels.nf4_mma import _lane_ids, _mma, _pairs, _scale, _shuffle, _store2
+from kernels.nf4_mma import _lane_ids, _lane_planes, _mma, _pairs, _scale, _shift, _shuffle, _store2
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS"]
@@ -157,13 +157,8 @@ def _mma_t_kernel(
     lane, warp = _lane_ids(pid_col)
     gid = lane >> 2
     t = lane & 3
-    at = code_planes_ptr + 16 * 32 + lane  # the bfloat16 planes (nf4_mma Note [pair lookup]), one copy per lane
-    planes = (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
-              tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
-    if DOUBLE_QUANT and OFFSET_IS_POINTER:
-        shift = tl.load(offset)
-    else:
-        shift = offset
+    planes = _lane_planes(code_planes_ptr, lane, False)  # bfloat16 (nf4_mma Note [pair lookup])
+    shift = _shift(offset, DOUBLE_QUANT, OFFSET_IS_POINTER)
     first_col = pid_col * 64
     block_col = first_col // BLOCKSIZE
     # This warp's rows: a 16-row-aligned part of the program's rows.

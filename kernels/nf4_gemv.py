@@ -113,6 +113,8 @@ def prmt_lookup(selector: str, mask: str, first_plane: int) -> str:
     16 bits of register `selector`, blended by `mask`; the 8 planes are operands $first_plane on.
     Also used by kernels/nf4_mma.py (Note [pair lookup])."""
     return _PRMT_LOOKUP.format(s=selector, m=mask, **{f"p{i}": first_plane + i for i in range(8)})
+
+
 _F16_VALUES = """
     prmt.b32 v, wl, wh, 0x5140;
     mov.b32 {{a, b}}, v;

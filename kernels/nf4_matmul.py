@@ -458,7 +458,8 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     if m <= SMALL_M_MAX:
         weight = nf4_weight(packed, state, g.device)
         if 0 < m <= MMA_M_MAX and _mma_t_runs(g, weight):
-            return _mma_t_forward(g, weight, None)
+            g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
+            return _mma_t_forward(g2d, weight, None).view(*g.shape[:-1], weight.n_cols)
         return matmul_nf4_t_small_m(g, packed, weight)
     return _LARGE_M[LARGE_M_STRATEGY_T][1](g, packed, state)
 
@@ -468,15 +469,14 @@ def matmul_nf4_t_mma(g: torch.Tensor, packed: torch.Tensor, state, config: MmaTC
     bfloat16 g on CUDA, blocksize and K multiples of 64, even N. config: None times
     nf4_mma_t.MMA_T_CONFIGS once per shape and keeps the fastest."""
     weight = nf4_weight(packed, state, g.device)
-    _flat_input(g, weight.n_rows, "matmul_nf4_t_mma", "out_features of the NF4 weight")
+    g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t_mma", "out_features of the NF4 weight")
     if not _mma_t_runs(g, weight):
         raise ValueError(f"matmul_nf4_t_mma: needs bfloat16 g on CUDA (got {g.dtype} on {g.device}), blocksize and "
                          f"K multiples of 64 and even N (got blocksize {weight.blocksize}, N {weight.n_rows}, "
                          f"K {weight.n_cols}) and packed codes starting on 16 bytes")
-    m = math.prod(g.shape[:-1])
-    if not 0 < m <= MMA_M_MAX:
-        raise ValueError(f"matmul_nf4_t_mma: takes 1 to {MMA_M_MAX} rows of g, got {m}")
-    return _mma_t_forward(g, weight, config)
+    if not 0 < g2d.shape[0] <= MMA_M_MAX:
+        raise ValueError(f"matmul_nf4_t_mma: takes 1 to {MMA_M_MAX} rows of g, got {g2d.shape[0]}")
+    return _mma_t_forward(g2d, weight, config).view(*g.shape[:-1], weight.n_cols)
 
 
 def _mma_t_runs(g: torch.Tensor, weight: NF4Weight) -> bool:
@@ -484,14 +484,12 @@ def _mma_t_runs(g: torch.Tensor, weight: NF4Weight) -> bool:
             and mma_t_fits(weight.blocksize, weight.n_rows, weight.n_cols, weight.packed.data_ptr()))
 
 
-def _mma_t_forward(g: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None) -> torch.Tensor:
-    """g @ W once the inputs are checked (by matmul_nf4_t or matmul_nf4_t_mma)."""
-    g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
+def _mma_t_forward(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None) -> torch.Tensor:
+    """(M, K) = g2d (M, N) @ W once the inputs are checked (by matmul_nf4_t or matmul_nf4_t_mma)."""
     if g2d.data_ptr() % 4 or g2d.stride(0) % 2:  # the kernel reads g two values at a time
         g2d = g2d.clone(memory_format=torch.contiguous_format)
-    with on_device(g.device):
-        out = mma_gemv_t(g2d, weight, config)
-    return out.view(*g.shape[:-1], weight.n_cols)
+    with on_device(g2d.device):
+        return mma_gemv_t(g2d, weight, config)
 
 
 def matmul_nf4_t_small_m(g: torch.Tensor, packed: torch.Tensor, state, split_n: int | None = None) -> torch.Tensor:

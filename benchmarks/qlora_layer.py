@@ -14,7 +14,8 @@ Ratio = bf16 time / 4-bit time (target >= 0.95); each time is the median of 3 ro
 columns. "graphed": forward + backward captured in a CUDA
 graph on both sides (as the trainer runs it, lora/graphs.py), so GPU time without the Python and
 launch cost of each call. "W us" / "W + s B A us": the 4-bit base's dequantization alone and with the
-adapter merged (kernels/nf4_lowrank.py), L2 cleared. Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
+adapter merged (kernels/nf4_lowrank_mma.py), L2 cleared; "tiles": the merged weight by the Triton tile
+kernel of kernels/nf4_lowrank.py (its fastest config), which it replaces for 16-bit outputs. Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
 import statistics
@@ -28,6 +29,7 @@ from triton.testing import do_bench
 import kernels
 import quant
 from benchmarks.report import publish
+from kernels import nf4_lowrank
 from kernels.launch import cold_graph_bench
 from lora import LoRALinear
 
@@ -162,12 +164,15 @@ def main() -> int:
         dequant_us = 1000 * cold_graph_bench(lambda: base4.dequantize(torch.bfloat16))
         lowrank_us = 1000 * cold_graph_bench(lambda: base4.dequantize_lowrank(lora4.lora_B.weight, lora4.lora_A.weight,
                                                                                lora4.scaling, torch.bfloat16))
+        tiles_us = 1000 * min(cold_graph_bench(lambda c=c: nf4_lowrank.dequantize_nf4_lowrank(
+            base4.weight, base4.kernel_weight(), lora4.lora_B.weight, lora4.lora_A.weight, lora4.scaling,
+            torch.bfloat16, config=c)) for c in nf4_lowrank._CONFIGS)
         t, g = times, graph_times
         line = (f"| {n_rows} x {n_cols} | {m} | {t['layer bf16']:.3f} | {t['layer nf4']:.3f} | "
                 f"**{t['layer bf16'] / t['layer nf4']:.3f}** | {g['layer bf16']:.3f} | {g['layer nf4']:.3f} | "
                 f"**{g['layer bf16'] / g['layer nf4']:.3f}** | {g['autograd bf16']:.3f} | {g['autograd nf4']:.3f} | "
                 f"{g['autograd bf16'] / g['autograd nf4']:.3f} | {g['autograd bf16'] / g['layer nf4']:.3f} | "
-                f"{dequant_us:.1f} | {lowrank_us:.1f} |")
+                f"{dequant_us:.1f} | {lowrank_us:.1f} | {tiles_us:.1f} |")
         print(line, flush=True)
         lines.append(line)
         del layer16, layer4, base4, lora4, x, grad_y, steps, weight16
@@ -178,8 +183,8 @@ def main() -> int:
         "times in ms (median); ratio = bf16 time / 4-bit time (target >= 0.95)\n",
         "| N x K | M | layer bf16 | layer QLoRA | ratio | graphed layer bf16 | graphed layer QLoRA | graphed ratio "
         "| graphed autograd bf16 | graphed autograd QLoRA | autograd ratio | autograd bf16 / layer QLoRA "
-        "| W us | W + s B A us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| W us | W + s B A us | W + s B A tiles us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *lines,
     ])
     if failures:

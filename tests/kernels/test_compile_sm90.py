@@ -25,7 +25,7 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_matmul, nf4_mma, nf4_mma_t, rotary
+    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_lowrank_mma, nf4_matmul, nf4_mma, nf4_mma_t, rotary
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -123,6 +123,17 @@ def _compile_all() -> list[dict]:
         run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize}", nf4_lowrank._lowrank_kernel.fn,
             dict(weight, b_ptr=torch.float32, a_ptr=torch.float32, out_ptr=dtype, N=4096, K=4096, R=16, scaling=2.0),
             dict(fmt, BLOCKSIZE=blocksize, R_PAD=16, DOT_FP32=dtype == torch.float32), config)
+    for quads, warps, rank, dtype, double_quant, row_blocks in (
+            (1, 8, 16, torch.bfloat16, True, True), (2, 4, 16, torch.bfloat16, True, True),
+            (2, 4, 7, torch.float16, False, False), (1, 4, 64, torch.bfloat16, True, False)):
+        chunks = -(-rank // 16)
+        run(f"W + s B A per lane QUADS={quads} WARPS={warps} rank={rank} {dtype} double_quant={double_quant} "
+            f"ROW_BLOCKS={row_blocks}", nf4_lowrank_mma._lowrank_mma_kernel,
+            dict(weight, absmax_ptr=torch.uint8 if double_quant else torch.float32, b_ptr=dtype, a_ptr=dtype,
+                 out_ptr=dtype, N=4096, K=4096, R=rank, scaling=2.0, rows_per_program=16 * warps * 4),
+            dict(fmt, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant, FLOAT16=dtype == torch.float16,
+                 QUADS=quads, R_CHUNKS=chunks, EVEN_R=rank % 2 == 0, ROW_BLOCKS=row_blocks, WARPS=warps),
+            triton.Config({}, num_warps=warps, num_stages=1))
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
             dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,
@@ -153,7 +164,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 48
+    assert len(results) == 52
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

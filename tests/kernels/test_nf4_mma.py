@@ -59,9 +59,10 @@ def test_matmul_nf4_keeps_the_interpreter_on_the_triton_gemv():
     torch.testing.assert_close(kernels.matmul_nf4(x, packed, state).double(), want, rtol=2e-3, atol=2e-3)
 
 
-def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the straight-line b32 PTX of a lookup (and, shr, shl, prmt, lop3) on uint32 arrays;
-    registers are `$n` or names, immediates are hex or decimal."""
+def _run_ptx(asm: str, inputs: dict[str, np.ndarray], shared: dict[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Run the straight-line b32 PTX of a lookup (and, shr, shl, prmt, lop3, ld.shared from the
+    32-bit words of `shared` by byte address) on uint32 arrays; registers are `$n` or names,
+    immediates are hex or decimal."""
     regs = dict(inputs)
 
     def value(token: str) -> np.ndarray:
@@ -73,6 +74,10 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             continue
         op, args = line.split(None, 1)
         dst, *src = [a.strip() for a in args.split(",")]
+        if op == "ld.shared.f32":  # dst, [address register]
+            addresses = regs[src[0].strip("[]")]
+            regs[dst] = np.array([shared[int(at)] for at in np.ravel(addresses)], dtype=np.uint64)
+            continue
         a, b, c = (value(s) for s in (src + ["0", "0"])[:3])
         if op == "and.b32":
             out = a & b

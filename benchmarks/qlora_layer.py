@@ -15,7 +15,8 @@ columns. "graphed": forward + backward captured in a CUDA
 graph on both sides (as the trainer runs it, lora/graphs.py), so GPU time without the Python and
 launch cost of each call. "W us" / "W + s B A us": the 4-bit base's dequantization alone and with the
 adapter merged (kernels/nf4_lowrank_mma.py), L2 cleared; "tiles": the merged weight by the Triton tile
-kernel of kernels/nf4_lowrank.py (its fastest config), which it replaces for 16-bit outputs. Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
+kernel of kernels/nf4_lowrank.py (its fastest config), which it replaces for 16-bit outputs.
+Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
 import statistics

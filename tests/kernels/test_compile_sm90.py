@@ -25,7 +25,8 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import nf4_dequant, nf4_gemv, nf4_lowrank, nf4_lowrank_mma, nf4_matmul, nf4_mma, nf4_mma_t, rotary
+    from kernels import (nf4_dequant, nf4_gemv, nf4_lowrank, nf4_lowrank_mma, nf4_matmul, nf4_mma, nf4_mma_t,
+                         rotary)
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -29,9 +29,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# On a CUDA machine whose python already has torch and triton (the lent GPU): no venv.
+# On a CUDA machine whose python already has torch and triton (the lent GPU): no venv. Kernels take
+# their first config untimed (KERNELS_TUNE=0, kernels/launch.py), so the math is checked in minutes;
+# `make test-gpu KERNELS_TUNE=1` times every config per shape, as users' calls do.
+KERNELS_TUNE ?= 0
 test-gpu:
-	PYTHONPATH=. $(PYTHON) -m pytest -m gpu -q
+	KERNELS_TUNE=$(KERNELS_TUNE) PYTHONPATH=. $(PYTHON) -m pytest -m gpu -q
 
 bench:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.nf4_matmul

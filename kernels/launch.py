@@ -22,12 +22,13 @@ Note [timing short kernels]
     REPS pairs (clear L2, call) captured in a CUDA graph, minus a graph of the REPS clearings
     alone. Kernels whose calls are short pass it as the autotuner's do_bench.
 """
+import os
 from collections.abc import Callable
 
 import torch
 import triton
 
-__all__ = ["Tuned", "cold_graph_bench"]
+__all__ = ["Tuned", "cold_graph_bench", "timing_configs", "candidates"]
 
 _L2_CLEAR_BYTES = 256 << 20  # more than any GPU's L2
 _REPS = 20
@@ -69,6 +70,18 @@ def cold_graph_bench(kernel_call: Callable[[], object], quantiles=None, **_ignor
     if quantiles is None:
         return times[len(times) // 2]
     return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+def timing_configs() -> bool:
+    """Whether tuned kernels time their configs per shape (the default). KERNELS_TUNE=0 makes each
+    take its first (or untimed) config instead: GPU tests check the math with it, without minutes of
+    timing per new shape; benchmarks never set it."""
+    return os.environ.get("KERNELS_TUNE", "1") != "0"
+
+
+def candidates(configs: list) -> list:
+    """The configs an autotuned kernel chooses from: all of them, or the first (KERNELS_TUNE=0)."""
+    return list(configs) if timing_configs() else list(configs[:1])
 
 
 class Tuned:

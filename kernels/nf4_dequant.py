@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Tuned, cold_graph_bench
+from kernels.launch import Tuned, candidates, cold_graph_bench
 from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
 __all__ = ["dequantize_nf4"]
@@ -27,7 +27,7 @@ _CONFIGS = [triton.Config({"BYTES": b}, num_warps=w) for b in (512, 1024, 2048) 
 _INTERPRETER_CONFIG = triton.Config({"BYTES": 64}, num_warps=4)
 
 
-@triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else _CONFIGS,
+@triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else candidates(_CONFIGS),
                  key=["numel", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=cold_graph_bench)  # kernels/launch.py
 @triton.jit
 def _dequantize_kernel(

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_matmul
-from kernels.launch import Tuned, cold_graph_bench
+from kernels.launch import Tuned, candidates, cold_graph_bench
 from kernels.nf4_lowrank_mma import lowrank_mma, lowrank_mma_fits
 from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
@@ -53,7 +53,7 @@ def lowrank_fits(blocksize: int, n_cols: int) -> bool:
     return n_cols % blocksize == 0
 
 
-@triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else _CONFIGS,
+@triton.autotune(configs=[_INTERPRETER_CONFIG] if interpreting() else candidates(_CONFIGS),
                  key=["N", "K", "R_PAD", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=cold_graph_bench)
 @triton.jit
 def _lowrank_kernel(

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench
+from kernels.launch import cold_graph_bench, timing_configs
 from kernels.nf4_mma import _lane_ids, _mma, _scale, _shift, _shuffle
 from kernels.nf4_mma_t import _load_b32
 from kernels.nf4_tiles import NF4Weight
@@ -298,7 +298,8 @@ def lowrank_mma(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, s
                 config: LowrankConfig | None = None) -> torch.Tensor:
     """out (N, K) = W + scaling * lora_b @ lora_a, rounded once to out's dtype (bfloat16 or float16);
     lora_b (N, r) and lora_a (r, K) contiguous in out's dtype, lowrank_mma_fits. config: None times
-    the configs once per shape (CUDA-graph timing, kernels/launch.py) and keeps the fastest."""
+    the configs once per shape (CUDA-graph timing, kernels/launch.py) and keeps the fastest; the
+    first with KERNELS_TUNE=0."""
     rank = lora_a.shape[0]
     if config is None:
         key = (weight.n_rows, weight.n_cols, triton.cdiv(rank, 16), weight.blocksize, weight.double_quant,
@@ -307,6 +308,8 @@ def lowrank_mma(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, s
         configs = _configs(rank)
         if config is None and torch.cuda.is_current_stream_capturing():
             config = configs[0]  # nothing can be timed while a CUDA graph is captured
+        elif config is None and not timing_configs():
+            config = _CHOSEN[key] = configs[0]
         elif config is None:
             times = {c: cold_graph_bench(lambda c=c: _launch(weight, lora_b, lora_a, scaling, out, c)) for c in configs}
             config = _CHOSEN[key] = min(times, key=times.get)

@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_gemv
-from kernels.launch import Tuned
+from kernels.launch import Tuned, candidates
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
 from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
@@ -211,7 +211,7 @@ def _matmul_t_kernel(
 
 
 def _autotuned(kernel, configs, interpreter_config):
-    return triton.autotune(configs=[interpreter_config] if interpreting() else configs, key=_KEY,
+    return triton.autotune(configs=[interpreter_config] if interpreting() else candidates(configs), key=_KEY,
                            reset_to_zero=["out_ptr"])(kernel)
 
 

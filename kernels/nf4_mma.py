@@ -85,7 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench
+from kernels.launch import cold_graph_bench, timing_configs
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
@@ -558,13 +558,16 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
              config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
     16 bytes, and mma_fits(W). config: None times MMA_CONFIGS once per shape
-    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest."""
+    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest; untimed_config with
+    KERNELS_TUNE=0."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
         config = _CHOSEN.get(key)
         if config is None and torch.cuda.is_current_stream_capturing():
             config = untimed_config(weight.n_rows)  # nothing can be timed while a CUDA graph is captured
+        elif config is None and not timing_configs():
+            config = _CHOSEN[key] = untimed_config(weight.n_rows)
         elif config is None:
             times = {c: cold_graph_bench(lambda c=c: _launch(x2d, weight, bias, out, c)) for c in MMA_CONFIGS}
             config = _CHOSEN[key] = min(times, key=times.get)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench
+from kernels.launch import cold_graph_bench, timing_configs
 from kernels.nf4_mma import _lane_ids, _lane_planes, _mma, _pairs, _scale, _shift, _shuffle, _store2
 from kernels.nf4_tiles import NF4Weight
 
@@ -230,7 +230,7 @@ def _launch(g2d: torch.Tensor, weight: NF4Weight, out32: torch.Tensor, config: M
 def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None = None) -> torch.Tensor:
     """(M, K) = g2d (M, N) @ W in g2d's dtype (bfloat16) for 1 <= M <= 16, g2d's rows on 4
     bytes, and mma_t_fits(W). config: None times MMA_T_CONFIGS once per shape (CUDA-graph timing,
-    kernels/launch.py) and keeps the fastest."""
+    kernels/launch.py) and keeps the fastest; the first with KERNELS_TUNE=0."""
     m = g2d.shape[0]
     out32 = torch.zeros((m, weight.n_cols), dtype=torch.float32, device=g2d.device)
     if config is None:
@@ -238,6 +238,8 @@ def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None =
         config = _CHOSEN.get(key)
         if config is None and torch.cuda.is_current_stream_capturing():
             config = MMA_T_CONFIGS[0]  # nothing can be timed while a CUDA graph is captured
+        elif config is None and not timing_configs():
+            config = _CHOSEN[key] = MMA_T_CONFIGS[0]
         elif config is None:
             times = {c: cold_graph_bench(lambda c=c: _launch(g2d, weight, out32.zero_(), c)) for c in MMA_T_CONFIGS}
             config = _CHOSEN[key] = min(times, key=times.get)

@@ -1,10 +1,12 @@
 """kernels.launch.Tuned: the first call per key goes through the autotuner, later ones launch the
-JIT function directly with the chosen config, with the same result (CPU: Triton's interpreter)."""
+JIT function directly with the chosen config, with the same result (CPU: Triton's interpreter);
+KERNELS_TUNE=0 leaves one config to choose."""
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+from kernels import launch
 from kernels.launch import Tuned
 
 
@@ -55,3 +57,13 @@ def test_cold_graph_bench_times_what_the_gpu_does():
     assert 2 * large.numel() / (t_large * 1e-3) < 4e12  # below the H100's HBM bandwidth: not 0
     quantiles = cold_graph_bench(lambda: small.add_(1), quantiles=(0.5, 0.2, 0.8))
     assert len(quantiles) == 3 and all(q > 0 for q in quantiles)
+
+
+def test_kernels_tune_0_keeps_the_first_config(monkeypatch):
+    configs = ["a", "b", "c"]
+    monkeypatch.delenv("KERNELS_TUNE", raising=False)
+    assert launch.timing_configs() and launch.candidates(configs) == configs
+    monkeypatch.setenv("KERNELS_TUNE", "0")
+    assert not launch.timing_configs() and launch.candidates(configs) == ["a"]
+    monkeypatch.setenv("KERNELS_TUNE", "1")
+    assert launch.candidates(configs) == configs

@@ -8,6 +8,35 @@
             scale  = block scales of the 16 rows, one decode per lane, shuffled     (blocks >= the strip)
             delta  = mma.m16n8k16(b_frag, a_frag) per 8-column tile                float32, summed over ranks
             out    = fma(s, delta, code[nibble] * scale).to(dtype)                   Note [shared code table]
+            two 16-byte stores per quad: 8 columns of rows g and g + 8
+
+Same result as kernels/nf4_lowrank.py's tile kernel, which stays for what this one does not take
+(float32 output, ranks above MAX_RANK, the CPU interpreter). Why a second kernel: there Triton
+computes the rank sum with tl.dot in the MMA layout and the dequantized tile in a blocked one and
+moves data between them through shared memory, and its 16-row tiles re-read lora_a; it costs
+1.4-1.5x the plain dequantization. Here each lane holds the mma's C values for exactly the
+columns whose codes it loads and whose outputs it stores, so nothing changes layout, and a warp
+keeps its strip of lora_a in registers for all its rows. H100 (benchmarks/RESULTS.md run 84, rank
+16, bfloat16): 18.9 / 62.0 / 63.6 / 70.8 us for 4096 x 4096 / 14336 x 4096 / 4096 x 14336 /
+8192 x 8192, 1.09-1.19x the plain dequantization (17.4 / 53.5 / 53.6 / 60.9), against 25.6 / 75.2 /
+80.4 / 85.8 for the tile kernel.
+
+Note [merged lane map]
+    mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds C at rows g
+    and g + 8, columns 2t and 2t + 1 of the 8-column tile, and B at column g. Which column of W a
+    tile column stands for is ours to choose, as long as B (lora_a's column) and C agree. Tile
+    jj (0..3) of quad q (32 columns) puts its column 2t + e at column 32 q + 8 t + 2 jj + e of the
+    strip: lane t's 8 columns of a quad are one 32-bit word of codes (byte jj holds tile jj's
+    columns, high nibble first, as bitsandbytes packs them) and 16 contiguous bytes of the output,
+    and a store instruction writes 64 contiguous bytes (two whole sectors) of each of 8 rows. The
+    B operand of tile (q, jj) is then lora_a at column 32 q + 8 (g >> 1) + 2 jj + (g & 1), ranks
+    {2t, 2t+1} (b0) and {2t+8, 2t+9} (b1): rank pairs, two rows of lora_a (r, K), so four 16-bit
+    loads per register pair, once per warp. lora_b's rows are the A operand: rows g, g + 8 at
+    ranks {2t, 2t+1} and {2t+8, 2t+9}. Ranks past r load as zeros. Measured and not kept (run 83):
+    lanes owning 16 contiguous columns of two quads, for 8-byte code loads; each store then wrote
+    half sectors, and L2 merging them made the kernel 1.4-1.7x slower.
+
+Note [shared code table]
     Each warp writes the 16 code values into a 64-byte table in shared memory, declared in inline
     PTX and 64-byte aligned, so one shift and one lop3 ((word >> b) & 0x3C | table) address a code
     and the warp's 32 lookups hit 16 banks without conflicts. The first version gathered from the

@@ -317,7 +317,8 @@ def _launch(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, scali
         weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code,
         lora_b, lora_a, out, n, k, rank, float(scaling), rows_per_program,
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
-        FLOAT16=out.dtype == torch.float16, QUADS=config.quads, R_CHUNKS=triton.cdiv(rank, 16), EVEN_R=rank % 2 == 0,
+        FLOAT16=out.dtype == torch.float16, QUADS=config.quads, R_CHUNKS=triton.cdiv(rank, 16),
+        EVEN_R=rank % 2 == 0 and lora_b.data_ptr() % 4 == 0,  # rank pairs of lora_b as 32-bit loads
         ROW_BLOCKS=k % weight.blocksize == 0 and weight.blocksize % (32 * config.quads) == 0, WARPS=config.warps,
         num_warps=config.warps, num_stages=1,
         enable_fp_fusion=False)  # rounded as the reference: see the module docstring

@@ -20,10 +20,11 @@ Note [merged input gradient]
     against 2.9e-3 for the bf16 layer's g W + s (g B) A). Only dx uses W': the forward keeps the
     low-rank term separate, so the adapter's effect on y is not rounded to W's precision. The
     merged dequantization costs 1.1-1.2x the plain one (kernels/nf4_lowrank_mma.py), less than
-    the (M, K) pass it saves at M = 4096 (benchmarks/RESULTS.md). At M <= 16 rows the product reads W once and writing W'
-    would cost more than the product: there kernels/nf4_mma_t.py streams the 4-bit W and an addmm
-    adds s (g B) A (kernels.matmul_nf4_t_lowrank, which `Linear4bit.input_gradient` calls): 1.8-3.7x
-    faster than the merged weight at M = 1 and 16 (H100, run 74).
+    the (M, K) pass it saves at M = 4096 (benchmarks/RESULTS.md). At M <= 16 rows the product reads
+    W once and writing W' would cost more than the product: there kernels/nf4_mma_t.py streams the
+    4-bit W and an addmm adds s (g B) A (kernels.matmul_nf4_t_lowrank, which
+    `Linear4bit.input_gradient` calls): 1.8-3.7x faster than the merged weight at M = 1 and 16
+    (H100, run 74).
 
 Takes: no DoRA, no active dropout, and a base without trainable parameters that is an nn.Linear
 or has `input_gradient(grad, lora_b, lora_a, scaling, grad_b)` (quant.Linear4bit). lora/layers.py

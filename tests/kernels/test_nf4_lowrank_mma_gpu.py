@@ -71,3 +71,19 @@ def test_dequantize_nf4_lowrank_dispatches_here():
     assert len(nf4_lowrank_mma._CHOSEN) == before + 1
     torch.testing.assert_close(full, reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0,
                                                                       torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_lora_b_on_two_bytes_takes_16_bit_loads():
+    """An even rank whose lora_b starts 2 bytes past a 4-byte boundary (a view into a flat buffer):
+    its rank pairs cannot load as 32-bit words."""
+    packed, state = random_nf4(100, 1024, 64, double_quant=True, device="cuda")
+    weight = nf4_weight(packed, state, packed.device)
+    flat = (torch.randn(100 * 16 + 1, device="cuda") * 0.5).bfloat16()
+    lora_b = flat[1:].view(100, 16)
+    assert lora_b.is_contiguous() and lora_b.data_ptr() % 4 == 2
+    lora_a = (torch.randn(16, 1024, device="cuda") / 4).bfloat16()
+    out = torch.empty(100, 1024, dtype=torch.bfloat16, device="cuda")
+    got = nf4_lowrank_mma.lowrank_mma(weight, lora_b, lora_a, 0.5, out)
+    want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())

@@ -10,13 +10,13 @@ against the same LoRALinear over a frozen bf16 nn.Linear holding the same number
 base the input gradient is g @ (W + s B A), Note [merged input gradient]). "autograd" columns: the
 same math as four autograd nodes in plain torch (the base through kernels.matmul_nf4 /
 matmul_nf4_t, as quant.Linear4bit calls them), the way the layer ran before lora/function.py.
-Ratio = bf16 time / 4-bit time (target >= 0.95); each time is the median of 3 rounds that interleave all
-columns. "graphed": forward + backward captured in a CUDA
-graph on both sides (as the trainer runs it, lora/graphs.py), so GPU time without the Python and
-launch cost of each call. "W us" / "W + s B A us": the 4-bit base's dequantization alone and with the
-adapter merged (kernels/nf4_lowrank_mma.py), L2 cleared; "tiles": the merged weight by the Triton tile
-kernel of kernels/nf4_lowrank.py (its fastest config), which it replaces for 16-bit outputs.
-Markdown table to stdout and, when OUT is set, to $OUT/qlora_layer.md.
+Ratio = bf16 time / 4-bit time (target >= 0.95); each time is the median of 3 rounds that
+interleave all columns. "graphed": forward + backward captured in a CUDA graph on both sides (as
+the trainer runs it, lora/graphs.py), so GPU time without the Python and launch cost of each call.
+"W us" / "W + s B A us": the 4-bit base's dequantization alone and with the adapter merged
+(kernels/nf4_lowrank_mma.py), L2 cleared; "tiles": the merged weight by the Triton tile kernel of
+kernels/nf4_lowrank.py (its fastest config), which it replaces for 16-bit outputs. Markdown table
+to stdout and, when OUT is set, to $OUT/qlora_layer.md.
 """
 import argparse
 import statistics

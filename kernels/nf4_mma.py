@@ -3,19 +3,7 @@
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
-            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [fetch ahead]
-    In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
-    the end of the loop body (seen in the sm_90 SASS of every variant tried), so a word arrives ~40
-    instructions before its first byte permute and other warps must hide the DRAM latency. DEPTH 2
-    loads two iterations ahead: ptxas still issues them at the end of the body, but their use is a
-    whole iteration later, for ~24 more registers (two loaded iterations live). H100 (runs 66-68):
-    at M = 16, 11.1 -> 9.9 us on 4096 x 4096 and 26.2 -> 22.3 on 4096 x 14336; at M = 1 no gain;
-    both depths are timed per shape. Not kept: a prefetch.global.L2 of the iteration after next
-    (72 -> 66 us on 28672 x 8192, M = 1, in one build, gone in the next), the L2::256B
-    prefetch-size hint on the loads (slower everywhere), a warp barrier after the loads (ptxas
-    makes it a NOP and still moves them).
-
-Note [pair lookup])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
         partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
@@ -30,6 +18,18 @@ FMA kernel of kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per 
 scales through shared memory). In an iteration the warp's next words are already loading
 (Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]). A warp may cover
 two 16-row tiles with the same x fragments (Note [row tiles]).
+
+Note [fetch ahead]
+    In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
+    the end of the loop body (seen in the sm_90 SASS of every variant tried), so a word arrives ~40
+    instructions before its first byte permute and other warps must hide the DRAM latency. DEPTH 2
+    loads two iterations ahead: ptxas still issues them at the end of the body, but their use is a
+    whole iteration later, for ~24 more registers (two loaded iterations live). H100 (runs 66-68):
+    at M = 16, 11.1 -> 9.9 us on 4096 x 4096 and 26.2 -> 22.3 on 4096 x 14336; at M = 1 no gain;
+    both depths are timed per shape. Not kept: a prefetch.global.L2 of the iteration after next
+    (72 -> 66 us on 28672 x 8192, M = 1, in one build, gone in the next), the L2::256B
+    prefetch-size hint on the loads (slower everywhere), a warp barrier after the loads (ptxas
+    makes it a NOP and still moves them).
 
 Note [what limits it]
     Nsight Compute on the H100 (28672 x 8192, M = 1): the ALU pipe, which runs the byte permutes
@@ -306,7 +306,8 @@ def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, ne
     words, entries = fetched
     scales = ()
     for r in tl.static_range(ROW_TILES):
-        scales = scales + ((_scale(entries[r][0], blocks[r][0], nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT),
+        scales = scales + ((_scale(entries[r][0], blocks[r][0], nested_absmax_ptr, nested_code_ptr, shift,
+                                   DOUBLE_QUANT),
                             _scale(entries[r][1], blocks[r][1], nested_absmax_ptr, nested_code_ptr, shift,
                                    DOUBLE_QUANT)),)
     for u in tl.static_range(UNROLL):

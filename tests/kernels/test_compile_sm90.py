@@ -115,12 +115,14 @@ def _compile_all() -> list[dict]:
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
         run(f"mma g @ W blocksize={blocksize} M_TILES={m_tiles} WARPS={warps}", nf4_mma_t._mma_t_kernel,
-            dict(g_ptr=torch.bfloat16, packed_ptr=torch.uint8, absmax_ptr=torch.uint8 if double_quant else torch.float32,
-                 nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
-                 code_planes_ptr=torch.int32, scratch_ptr=torch.float32, out32_ptr=torch.float32, M=16, N=4096, K=4096, stride_gm=4096,
+            dict(g_ptr=torch.bfloat16, packed_ptr=torch.uint8,
+                 absmax_ptr=torch.uint8 if double_quant else torch.float32, nested_absmax_ptr=torch.float32,
+                 nested_code_ptr=torch.float32, offset=torch.float32, code_planes_ptr=torch.int32,
+                 scratch_ptr=torch.float32, out32_ptr=torch.float32, M=16, N=4096, K=4096, stride_gm=4096,
                  rows_per_program=512), constexprs, triton.Config({}, num_warps=warps, num_stages=1))
     for i, config in enumerate(nf4_lowrank._CONFIGS):  # every config; float16 / float32 and blocksize 256 once
-        dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64), (torch.bfloat16, 32))[i % 4]
+        dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64),
+                            (torch.bfloat16, 32))[i % 4]
         run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize}", nf4_lowrank._lowrank_kernel.fn,
             dict(weight, b_ptr=torch.float32, a_ptr=torch.float32, out_ptr=dtype, N=4096, K=4096, R=16, scaling=2.0),
             dict(fmt, BLOCKSIZE=blocksize, R_PAD=16, DOT_FP32=dtype == torch.float32), config)

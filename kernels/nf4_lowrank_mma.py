@@ -335,13 +335,13 @@ def lowrank_mma(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, s
         key = (weight.n_rows, weight.n_cols, triton.cdiv(rank, 16), weight.blocksize, weight.double_quant,
                out.dtype, out.device)
         config = _CHOSEN.get(key)
-        configs = _configs(rank)
         if config is None and torch.cuda.is_current_stream_capturing():
-            config = configs[0]  # nothing can be timed while a CUDA graph is captured
+            config = _configs(rank)[0]  # nothing can be timed while a CUDA graph is captured
         elif config is None and not timing_configs():
-            config = _CHOSEN[key] = configs[0]
+            config = _CHOSEN[key] = _configs(rank)[0]
         elif config is None:
-            times = {c: cold_graph_bench(lambda c=c: _launch(weight, lora_b, lora_a, scaling, out, c)) for c in configs}
+            times = {c: cold_graph_bench(lambda c=c: _launch(weight, lora_b, lora_a, scaling, out, c))
+                     for c in _configs(rank)}
             config = _CHOSEN[key] = min(times, key=times.get)
     _launch(weight, lora_b, lora_a, scaling, out, config)
     return out

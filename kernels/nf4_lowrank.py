@@ -17,12 +17,12 @@ output dtype (bfloat16 / float16: tensor cores, float32 sums); for a float32 out
 the CPU interpreter (whose bfloat16 is unreliable, REFERENCE.md), the wrapper rounds them and the
 kernel multiplies in float32.
 
-Needs rows of whole blocks (K % blocksize == 0); for everything else the wrapper falls back to
-kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch. On the GPU a 16-bit
-output with rank <= 64 and K % 32 == 0 goes to kernels/nf4_lowrank_mma.py instead, the same
-function written per lane: 1.09-1.19x the plain dequantization's time against this kernel's
-1.4-1.5x (H100, benchmarks/RESULTS.md). This kernel keeps float32 outputs, larger ranks, other
-widths and the CPU interpreter.
+On the GPU a 16-bit output with rank <= 64 and K % 32 == 0 goes to kernels/nf4_lowrank_mma.py,
+the same function written per lane, whether rows hold whole blocks or not: 1.09-1.19x the plain
+dequantization's time against this kernel's 1.4-1.5x (H100, benchmarks/RESULTS.md). This kernel
+keeps float32 outputs, larger ranks, other widths and the CPU interpreter; it needs rows of whole
+blocks (K % blocksize == 0), and what neither kernel takes falls back to
+kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch.
 
 `matmul_nf4_t_lowrank` is the product the merged weight exists for, g @ (W + s B A), dispatched by
 M like kernels.matmul_nf4_t: up to nf4_matmul.SMALL_M_MAX rows of g, kernels.matmul_nf4_t streams
@@ -123,14 +123,14 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
     if lora_b.device != packed.device or lora_a.device != packed.device:
         raise ValueError(f"dequantize_nf4_lowrank: lora_b ({lora_b.device}) and lora_a ({lora_a.device}) must be "
                          f"on the weight's device ({packed.device})")
-    if not lowrank_fits(weight.blocksize, k):
-        return reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, scaling, dtype)
     rank = lora_a.shape[0]
     if config is None and dtype != torch.float32 and packed.device.type == "cuda" and not interpreting() \
-            and lowrank_mma_fits(k, rank, weight.packed.data_ptr()):
+            and lowrank_mma_fits(k, rank, weight.packed.data_ptr()):  # rows with or without whole blocks
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
         with on_device(packed.device):
             return lowrank_mma(weight, lora_b.to(dtype).contiguous(), lora_a.to(dtype).contiguous(), scaling, out)
+    if not lowrank_fits(weight.blocksize, k):
+        return reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, scaling, dtype)
     dot_fp32 = dtype == torch.float32 or interpreting()  # the interpreter's bfloat16 is unreliable (REFERENCE.md)
     if dot_fp32:
         lora_b, lora_a = lora_b.to(dtype).float(), lora_a.to(dtype).float()

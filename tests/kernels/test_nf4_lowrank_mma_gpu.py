@@ -73,6 +73,21 @@ def test_dequantize_nf4_lowrank_dispatches_here():
                                                                       torch.float32), rtol=1e-6, atol=1e-6)
 
 
+def test_rows_without_whole_blocks_dispatch_here():
+    """K % blocksize != 0 (1056 = 16.5 blocks of 64): the tile kernel cannot take it, this one does,
+    instead of the plain-PyTorch reference."""
+    packed, state = random_nf4(250, 1056, 64, double_quant=True, device="cuda")
+    lora_b = torch.randn(250, 8, device="cuda")
+    lora_a = torch.randn(8, 1056, device="cuda") / 4
+    assert not nf4_lowrank.lowrank_fits(64, 1056)
+    before = len(nf4_lowrank_mma._CHOSEN)
+    got = nf4_lowrank.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
+    assert len(nf4_lowrank_mma._CHOSEN) == before + 1
+    want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
+
+
 def test_lora_b_on_two_bytes_takes_16_bit_loads():
     """An even rank whose lora_b starts 2 bytes past a 4-byte boundary (a view into a flat buffer):
     its rank pairs cannot load as 32-bit words."""

@@ -25,10 +25,14 @@ def _check(n_rows, n_cols, blocksize, rank, dtype, config, double_quant=True):
     out = torch.full((n_rows, n_cols), float("nan"), dtype=dtype, device="cuda")
     got = nf4_lowrank_mma.lowrank_mma(weight, lora_b, lora_a, 0.5, out, config)
     want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, dtype)
-    # Only the rank sum's order differs: one rounding step apart at most.
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
+    _assert_one_rounding_apart(got, want)
     return got, want
+
+
+def _assert_one_rounding_apart(got, want):
+    """Only the rank sum's order differs from the reference: one rounding step apart at most."""
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
 
 
 @pytest.mark.parametrize("n_rows,n_cols,blocksize,rank", SHAPES)
@@ -65,8 +69,7 @@ def test_dequantize_nf4_lowrank_dispatches_here():
     got = nf4_lowrank.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
     assert len(nf4_lowrank_mma._CHOSEN) == before + 1
     want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
-    eps = torch.finfo(torch.bfloat16).eps
-    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
+    _assert_one_rounding_apart(got, want)
     full = nf4_lowrank.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.float32)
     assert len(nf4_lowrank_mma._CHOSEN) == before + 1
     torch.testing.assert_close(full, reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0,
@@ -84,8 +87,7 @@ def test_rows_without_whole_blocks_dispatch_here():
     got = nf4_lowrank.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
     assert len(nf4_lowrank_mma._CHOSEN) == before + 1
     want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 2.0, torch.bfloat16)
-    eps = torch.finfo(torch.bfloat16).eps
-    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
+    _assert_one_rounding_apart(got, want)
 
 
 def test_lora_b_on_two_bytes_takes_16_bit_loads():
@@ -100,5 +102,4 @@ def test_lora_b_on_two_bytes_takes_16_bit_loads():
     out = torch.empty(100, 1024, dtype=torch.bfloat16, device="cuda")
     got = nf4_lowrank_mma.lowrank_mma(weight, lora_b, lora_a, 0.5, out)
     want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.bfloat16)
-    eps = torch.finfo(torch.bfloat16).eps
-    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6 * want.float().abs().max().item())
+    _assert_one_rounding_apart(got, want)

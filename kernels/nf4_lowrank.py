@@ -21,8 +21,8 @@ On the GPU a 16-bit output with rank <= 64 and K % 32 == 0 goes to kernels/nf4_l
 the same function written per lane, whether rows hold whole blocks or not: 1.09-1.19x the plain
 dequantization's time against this kernel's 1.4-1.5x (H100, benchmarks/RESULTS.md). This kernel
 keeps float32 outputs, larger ranks, other widths and the CPU interpreter; it needs rows of whole
-blocks (K % blocksize == 0), and what neither kernel takes falls back to
-kernels.reference.dequantize_nf4_lowrank, the same math in plain PyTorch.
+blocks (K % blocksize == 0). What neither kernel takes is the reference's formula
+(kernels.reference.add_lowrank) on W from the plain dequantization kernel, bit for bit the reference.
 
 `matmul_nf4_t_lowrank` is the product the merged weight exists for, g @ (W + s B A), dispatched by
 M like kernels.matmul_nf4_t: up to nf4_matmul.SMALL_M_MAX rows of g, kernels.matmul_nf4_t streams
@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kernels import nf4_matmul
 from kernels.launch import Tuned, candidates, cold_graph_bench
+from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_lowrank_mma import lowrank_mma, lowrank_mma_fits
 from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
 
@@ -129,8 +130,8 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
         with on_device(packed.device):
             return lowrank_mma(weight, lora_b.to(dtype).contiguous(), lora_a.to(dtype).contiguous(), scaling, out)
-    if not lowrank_fits(weight.blocksize, k):
-        return reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, scaling, dtype)
+    if not lowrank_fits(weight.blocksize, k):  # the reference's formula; `weight`, unlike `state`, may be prepared
+        return reference.add_lowrank(dequantize_nf4(packed, weight, torch.float32), lora_b, lora_a, scaling, dtype)
     dot_fp32 = dtype == torch.float32 or interpreting()  # the interpreter's bfloat16 is unreliable (REFERENCE.md)
     if dot_fp32:
         lora_b, lora_a = lora_b.to(dtype).float(), lora_a.to(dtype).float()

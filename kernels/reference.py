@@ -20,7 +20,7 @@ nested_code, offset, code, blocksize, shape` (quant.QuantState has exactly these
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "dequantize_nf4_lowrank",
+__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "dequantize_nf4_lowrank", "add_lowrank",
            "matmul_nf4", "matmul_nf4_t", "apply_rotary"]
 
 NESTED_BLOCKSIZE = 256  # first-level blocks per second-level (double-quant) block
@@ -58,7 +58,13 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
                            scaling: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """kernels/nf4_lowrank.py: W + scaling * lora_b @ lora_a in float32, rounded once to `dtype`;
     lora_b (N, r) and lora_a (r, K) enter the product rounded to `dtype`."""
-    weight = dequantize_nf4(packed, state, torch.float32)  # (N, K)
+    return add_lowrank(dequantize_nf4(packed, state, torch.float32), lora_b, lora_a, scaling, dtype)
+
+
+def add_lowrank(weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """weight (N, K) float32 + scaling * lora_b @ lora_a, rounded once to `dtype`; lora_b and lora_a
+    enter the product rounded to `dtype`."""
     delta = lora_b.to(dtype).float() @ lora_a.to(dtype).float()  # (N, K)
     return (weight + scaling * delta).to(dtype)
 

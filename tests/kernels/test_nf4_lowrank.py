@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kernels
 from kernels import reference
 from kernels import nf4_matmul
 from kernels.nf4_lowrank import dequantize_nf4_lowrank, lowrank_fits, matmul_nf4_t_lowrank
@@ -57,12 +58,16 @@ def test_adapter_in_16_bits_enters_rounded():
     assert torch.equal(got, want)
 
 
-def test_rows_without_whole_blocks_take_the_reference():
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_rows_without_whole_blocks_take_the_reference(double_quant):
+    """The reference's formula, also for a weight from kernels.prepare (which has no `shape`)."""
     assert not lowrank_fits(32, 129) and lowrank_fits(64, 128)
-    packed, state = random_nf4(7, 129, 32, double_quant=True)
+    packed, state = random_nf4(7, 129, 32, double_quant=double_quant)
     lora_b, lora_a = _adapter(7, 129, 4)
-    assert torch.equal(dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32),
-                       reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32))
+    want = reference.dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32)
+    assert torch.equal(dequantize_nf4_lowrank(packed, state, lora_b, lora_a, 0.5, torch.float32), want)
+    assert torch.equal(dequantize_nf4_lowrank(packed, kernels.prepare(packed, state), lora_b, lora_a, 0.5,
+                                              torch.float32), want)
 
 
 def test_errors_name_the_shapes_and_dtype():

@@ -23,12 +23,12 @@ Note [timing short kernels]
     alone. Kernels whose calls are short pass it as the autotuner's do_bench.
 """
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
 
-__all__ = ["Tuned", "cold_graph_bench", "timing_configs", "candidates"]
+__all__ = ["Tuned", "cold_graph_bench", "timing_configs", "candidates", "choose_config"]
 
 _L2_CLEAR_BYTES = 256 << 20  # more than any GPU's L2
 _REPS = 20
@@ -82,6 +82,26 @@ def timing_configs() -> bool:
 def candidates(configs: list) -> list:
     """The configs an autotuned kernel chooses from: all of them, or the first (KERNELS_TUNE=0)."""
     return list(configs) if timing_configs() else list(configs[:1])
+
+
+def choose_config(chosen: dict, key: tuple, configs: Callable[[], Sequence], untimed: Callable[[], object],
+                  launch: Callable[[object], object]):
+    """The launch config of a kernel tuned by hand (the per-lane kernels) for `key`, remembered in
+    `chosen`: the fastest of configs() by cold_graph_bench, each timed as launch(config); untimed()
+    with KERNELS_TUNE=0, and while a CUDA graph is being captured (nothing can be timed then; that
+    choice is not remembered)."""
+    config = chosen.get(key)
+    if config is not None:
+        return config
+    if torch.cuda.is_current_stream_capturing():
+        return untimed()
+    if timing_configs():
+        times = {c: cold_graph_bench(lambda c=c: launch(c)) for c in configs()}
+        config = min(times, key=times.get)
+    else:
+        config = untimed()
+    chosen[key] = config
+    return config
 
 
 class Tuned:

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench, timing_configs
+from kernels.launch import choose_config
 from kernels.nf4_mma import _lane_ids, _mma, _scale, _shift, _shuffle
 from kernels.nf4_mma_t import _load_b32
 from kernels.nf4_tiles import NF4Weight
@@ -334,14 +334,7 @@ def lowrank_mma(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, s
     if config is None:
         key = (weight.n_rows, weight.n_cols, triton.cdiv(rank, 16), weight.blocksize, weight.double_quant,
                out.dtype, out.device)
-        config = _CHOSEN.get(key)
-        if config is None and torch.cuda.is_current_stream_capturing():
-            config = _configs(rank)[0]  # nothing can be timed while a CUDA graph is captured
-        elif config is None and not timing_configs():
-            config = _CHOSEN[key] = _configs(rank)[0]
-        elif config is None:
-            times = {c: cold_graph_bench(lambda c=c: _launch(weight, lora_b, lora_a, scaling, out, c))
-                     for c in _configs(rank)}
-            config = _CHOSEN[key] = min(times, key=times.get)
+        config = choose_config(_CHOSEN, key, lambda: _configs(rank), lambda: _configs(rank)[0],
+                               lambda c: _launch(weight, lora_b, lora_a, scaling, out, c))
     _launch(weight, lora_b, lora_a, scaling, out, config)
     return out

@@ -85,7 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench, timing_configs
+from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
@@ -564,13 +564,7 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        config = _CHOSEN.get(key)
-        if config is None and torch.cuda.is_current_stream_capturing():
-            config = untimed_config(weight.n_rows)  # nothing can be timed while a CUDA graph is captured
-        elif config is None and not timing_configs():
-            config = _CHOSEN[key] = untimed_config(weight.n_rows)
-        elif config is None:
-            times = {c: cold_graph_bench(lambda c=c: _launch(x2d, weight, bias, out, c)) for c in MMA_CONFIGS}
-            config = _CHOSEN[key] = min(times, key=times.get)
+        config = choose_config(_CHOSEN, key, lambda: MMA_CONFIGS, lambda: untimed_config(weight.n_rows),
+                               lambda c: _launch(x2d, weight, bias, out, c))
     _launch(x2d, weight, bias, out, config)
     return out

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cold_graph_bench, timing_configs
+from kernels.launch import choose_config
 from kernels.nf4_mma import _lane_ids, _lane_planes, _mma, _pairs, _scale, _shift, _shuffle, _store2
 from kernels.nf4_tiles import NF4Weight
 
@@ -235,15 +235,8 @@ def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None =
     out32 = torch.zeros((m, weight.n_cols), dtype=torch.float32, device=g2d.device)
     if config is None:
         key = (m > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, g2d.device)
-        config = _CHOSEN.get(key)
-        if config is None and torch.cuda.is_current_stream_capturing():
-            config = MMA_T_CONFIGS[0]  # nothing can be timed while a CUDA graph is captured
-        elif config is None and not timing_configs():
-            config = _CHOSEN[key] = MMA_T_CONFIGS[0]
-        elif config is None:
-            times = {c: cold_graph_bench(lambda c=c: _launch(g2d, weight, out32.zero_(), c)) for c in MMA_T_CONFIGS}
-            config = _CHOSEN[key] = min(times, key=times.get)
-            out32.zero_()
+        config = choose_config(_CHOSEN, key, lambda: MMA_T_CONFIGS, lambda: MMA_T_CONFIGS[0],
+                               lambda c: _launch(g2d, weight, torch.zeros_like(out32), c))
     _launch(g2d, weight, out32, config)
     return out32.to(g2d.dtype)
 

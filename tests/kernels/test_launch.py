@@ -1,6 +1,6 @@
 """kernels.launch.Tuned: the first call per key goes through the autotuner, later ones launch the
 JIT function directly with the chosen config, with the same result (CPU: Triton's interpreter);
-KERNELS_TUNE=0 leaves one config to choose."""
+KERNELS_TUNE=0 leaves one config to choose; choose_config, the same for the kernels tuned by hand."""
 import pytest
 import torch
 import triton
@@ -67,3 +67,21 @@ def test_kernels_tune_0_keeps_the_first_config(monkeypatch):
     assert not launch.timing_configs() and launch.candidates(configs) == ["a"]
     monkeypatch.setenv("KERNELS_TUNE", "1")
     assert launch.candidates(configs) == configs
+
+
+def test_choose_config_remembers_its_choice_and_times_nothing_with_kernels_tune_0(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("KERNELS_TUNE", "0")
+    chosen, launched = {}, []
+    assert launch.choose_config(chosen, ("k",), lambda: ["a", "b"], lambda: "b", launched.append) == "b"
+    assert chosen == {("k",): "b"} and launched == []
+    monkeypatch.setenv("KERNELS_TUNE", "1")
+    assert launch.choose_config(chosen, ("k",), lambda: ["a"], lambda: "a", launched.append) == "b"
+    assert launched == []  # remembered: nothing timed
+
+
+def test_choose_config_while_a_graph_is_captured_keeps_nothing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    chosen, launched = {}, []
+    assert launch.choose_config(chosen, ("k",), lambda: ["a", "b"], lambda: "a", launched.append) == "a"
+    assert chosen == {} and launched == []

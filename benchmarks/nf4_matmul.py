@@ -127,9 +127,12 @@ def check(name: str, got: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor]
         failures.append(name)
 
 
-def measure(runs: dict, operands, label: str, graphed: bool, failures: list) -> tuple[dict, dict]:
-    """(times in us, speedups against runs["torch"]) of every run that is not None, each first checked
-    against the fp64 product of `operands` (a, b) when given."""
+def measure(runs: dict, operands, label: str, graphed: bool, dispatch_only: bool, failures: list) -> tuple[dict, dict]:
+    """(times in us, speedups against runs["torch"]) of every run that is not None (with dispatch_only,
+    of torch, ours and bnb only), each first checked against the fp64 product of `operands` (a, b)
+    when given."""
+    if dispatch_only:
+        runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
     if operands is not None:
         exact = exact_product(*operands)
         for name, fn in runs.items():
@@ -234,10 +237,8 @@ def main() -> int:
                 "dequant": lambda: nf4_matmul.matmul_nf4_dequantize(x, packed, state),
                 "bnb": (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)) if bnb_state is not None else None,
             }
-            if args.dispatch_only:
-                runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
             times, speedup = measure(runs, (x, w.T) if args.check else None, f"{n_rows}x{n_cols} M={m}", args.graphed,
-                                     failures)
+                                     args.dispatch_only, failures)
             rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
                     f"**{speedup['ours']:.2f}** | {fmt(speedup['gemv'], '.2f')} | {fmt(speedup['small'], '.2f')} | "
@@ -255,10 +256,8 @@ def main() -> int:
                 # bitsandbytes' backward of matmul_4bit: W dequantized, then a matmul
                 "bnb": (lambda: g @ bnb.functional.dequantize_4bit(packed, bnb_state)) if bnb_state is not None else None,
             }
-            if args.dispatch_only:
-                runs = {name: (fn if name in ("torch", "ours", "bnb") else None) for name, fn in runs.items()}
             times, speedup = measure(runs, (g, w) if args.check else None, f"g@W {n_rows}x{n_cols} M={m}",
-                                     args.graphed, failures)
+                                     args.graphed, args.dispatch_only, failures)
             rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
             line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
                     f"**{speedup['ours']:.2f}** | {fmt(speedup['fused'], '.2f')} | {fmt(speedup['dequant'], '.2f')} | "

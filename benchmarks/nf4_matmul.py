@@ -13,7 +13,11 @@ For each W of N x K and each M (rows of x), bf16 throughout, the median time ove
 Speedups are torch time / that time. Rates: GB/s of the bytes that must move (packed W + block
 stats + x + y) for M <= 64, TFLOP/s (2*M*N*K) for larger M. Then g @ W (the backward product) at
 the same M, against bitsandbytes' backward (W dequantized, then a matmul), and the dequantization
-kernel alone (GB/s of packed W + stats + the bf16 output).
+kernel alone (GB/s of packed W + stats + the bf16 output). For M <= 16, the read floors
+(benchmarks/read_floor.py: one kernel that only reads as many bytes as the 4-bit weight, its
+statistics, or as the bf16 weight; same timing) and the ceiling they set: torch's time / the
+4-bit floor bounds the speedup of any kernel that reads W once (x and y, at most 3% of the bytes
+at M = 16, are left out, so the bound is a little loose).
 --check compares every output with the fp64 product (and dequantization with the reference, bit
 for bit) before timing. The markdown tables go to stdout and, when OUT is set, $OUT/nf4_matmul.md.
 """
@@ -27,6 +31,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels
+from benchmarks.read_floor import read_floor_us
 from benchmarks.report import publish
 from kernels import nf4_matmul, reference
 from kernels.launch import cold_graph_bench
@@ -37,6 +42,7 @@ QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
 ROWS = [1, 16, 64, 4096]
 GEMV_MAX_ROWS = nf4_matmul.GEMV_M_MAX  # the streaming kernel takes at most this many rows
 SMALL_PATH_MAX_ROWS = 64  # beyond this the small-M tiles are pointless to time
+MMA_ROWS_MAX = 16  # the decode sizes the read-floor table covers
 BLOCKSIZE = 64
 RTOL_BF16 = 8e-3  # W and y each rounded to bf16 once: <= 2 * 2^-8 of |x| @ |W|.T
 
@@ -213,7 +219,7 @@ def main() -> int:
     print(header)
     torch.manual_seed(0)
     failures: list[str] = []
-    forward_rows, backward_rows, dequant_rows = [], [], []
+    forward_rows, backward_rows, dequant_rows, floor_rows = [], [], [], []
     for n_rows, n_cols in shapes:
         packed, raw_state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
         state = kernels.prepare(packed, raw_state)  # checked once, as quant.Linear4bit keeps it
@@ -225,6 +231,8 @@ def main() -> int:
             if not same:
                 failures.append(f"dequantize {n_rows}x{n_cols}")
         t = median_us(lambda: dequantize_nf4(packed, state, torch.bfloat16))
+        timer = graphed_us if args.graphed else median_us
+        floor_4bit, floor_bf16 = read_floor_us(wbytes, timer), read_floor_us(w.numel() * 2, timer)
         dequant_rows.append(f"| {n_rows} x {n_cols} | {t:.1f} | {(wbytes + w.numel() * 2) / t / 1e3:.0f} |")
         for m in rows:
             x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
@@ -246,6 +254,11 @@ def main() -> int:
                     f"{fmt(speedup['dequant'], '.2f')} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             forward_rows.append(line)
+            if m <= MMA_ROWS_MAX:
+                ceiling = times["torch"] / floor_4bit
+                floor_rows.append(f"| {n_rows} x {n_cols} | {m} | {floor_bf16:.1f} | {times['torch']:.1f} | "
+                                  f"{floor_4bit:.1f} | {ceiling:.2f} | {times['ours']:.1f} | {speedup['ours']:.2f} | "
+                                  f"{speedup['ours'] / ceiling:.0%} |")
         for m in rows:
             g = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
             runs = {
@@ -281,6 +294,11 @@ def main() -> int:
         "| N x K | us | GB/s |",
         "|---|---|---|",
         *dequant_rows,
+        ("\nread floors at small M: us to read the bf16 W or the 4-bit W (+ stats) in one kernel, same timing; "
+         "ceiling = torch / 4-bit floor\n"),
+        "| N x K | M | read bf16 W | torch bf16 | read 4-bit W | ceiling x | ours | ours x | ours x / ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *floor_rows,
     ])
     if args.overhead:
         report += "\n\n" + launch_overhead()

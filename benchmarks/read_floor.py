@@ -5,9 +5,11 @@ plain read of the same bytes under the same timing (L2 cleared before each call)
 torch's bf16 time divided by the floor of the 4-bit weight's bytes is then the largest speedup a
 4-bit kernel could show in that run: the ceiling the issue's ratio targets are measured against.
 
-    words   = the buffer as int32, BLOCK per program, 16-byte vector loads
+    words   = the buffer as int32, BLOCK contiguous words per program
     out[p]  = xor of program p's words           (one store per program, so the loads stay)
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,5 +45,5 @@ def read_floor_us(n_bytes: int, timer, device: str = "cuda") -> float:
     best = float("inf")
     for block, num_warps in READ_CONFIGS:
         out = torch.empty(triton.cdiv(words.numel(), block), dtype=torch.int32, device=device)
-        best = min(best, timer(lambda block=block, num_warps=num_warps, out=out: read_words(words, block, num_warps, out)))
+        best = min(best, timer(functools.partial(read_words, words, block, num_warps, out)))
     return best

@@ -20,8 +20,8 @@ nested_code, offset, code, blocksize, shape` (quant.QuantState has exactly these
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "dequantize_nf4_lowrank", "add_lowrank",
-           "matmul_nf4", "matmul_nf4_t", "apply_rotary"]
+__all__ = ["NESTED_BLOCKSIZE", "block_scales", "unpack_nibbles", "dequantize_nf4", "dequantize_nf4_lowrank",
+           "add_lowrank", "matmul_nf4", "matmul_nf4_t", "apply_rotary"]
 
 NESTED_BLOCKSIZE = 256  # first-level blocks per second-level (double-quant) block
 

@@ -245,7 +245,7 @@ def _flat_input(x: torch.Tensor, width: int, name: str, what: str) -> torch.Tens
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"{name}: Triton kernels need CUDA tensors, got {x.device}; "
                          "use kernels.reference on the CPU")
-    x2d = x.reshape(-1, width)
+    x2d = x if x.dim() == 2 else x.reshape(-1, width)
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
@@ -379,7 +379,8 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     if m <= MMA_M_MAX and _mma_runs(x, weight):
         x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
         _check_bias(bias, weight.n_rows, x.device)
-        return _mma_forward(x2d, weight, bias, None).view(*x.shape[:-1], weight.n_rows)
+        y = _mma_forward(x2d, weight, bias, None)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
     if m <= SMALL_M_MAX and _gemv_fits(weight):
         return matmul_nf4_gemv(x, packed, weight, bias)
     if not weight.whole_blocks:

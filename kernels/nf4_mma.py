@@ -85,6 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
@@ -531,6 +532,7 @@ MMA_CONFIGS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for 
                for unroll in (2, 4)]
 MMA_CONFIGS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
 _CHOSEN: dict[tuple, MmaConfig] = {}
+_MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
 
 def untimed_config(n_rows: int) -> MmaConfig:
@@ -547,12 +549,12 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
     m_tiles = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * row_tiles)
     scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
-    _mma_gemv_kernel[(programs,)](
+    _MMA_GEMV((programs,), (
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
-        HAS_BIAS=bias is not None, M_TILES=m_tiles, FLOAT16=x2d.dtype == torch.float16, KSPLIT=ksplit,
-        UNROLL=unroll, ROW_TILES=row_tiles, DEPTH=depth, num_warps=ksplit, num_stages=1)
+        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH
+        weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth), num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,

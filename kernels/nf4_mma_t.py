@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
 from kernels.nf4_mma import _lane_ids, _lane_planes, _mma, _pairs, _scale, _shift, _shuffle, _store2
 from kernels.nf4_tiles import NF4Weight
@@ -211,6 +212,7 @@ class MmaTConfig(NamedTuple):
 # Two groups of 16 rows per iteration, all loaded before the math, were no faster (run 75).
 MMA_T_CONFIGS = [MmaTConfig(w, r) for w in (4, 8) for r in (64, 128, 256, 512)]
 _CHOSEN: dict[tuple, MmaTConfig] = {}
+_MMA_T = DirectLaunch(_mma_t_kernel)
 
 
 def _launch(g2d: torch.Tensor, weight: NF4Weight, out32: torch.Tensor, config: MmaTConfig) -> None:
@@ -220,11 +222,11 @@ def _launch(g2d: torch.Tensor, weight: NF4Weight, out32: torch.Tensor, config: M
     m_tiles = 1 if m <= 8 else 2
     scratch = torch.empty(grid[0] * grid[1] * config.warps * COLUMNS * 8 * m_tiles, dtype=torch.float32,
                           device=g2d.device)
-    _mma_t_kernel[grid](
+    _MMA_T(grid, (
         g2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, scratch, out32, m, n, k, g2d.stride(0), rows_per_program,
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
-        M_TILES=m_tiles, WARPS=config.warps, num_warps=config.warps, num_stages=1)
+        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, M_TILES, WARPS
+        weight.blocksize, weight.double_quant, weight.offset_is_pointer, m_tiles, config.warps), num_warps=config.warps)
 
 
 def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None = None) -> torch.Tensor:

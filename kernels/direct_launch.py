@@ -5,8 +5,8 @@
 
 The first call for a signature goes through Triton (`jit_fn[grid](*args)`, which compiles and
 launches); later calls with the same signature, grid and device call the compiled binary's launcher
-directly. On the H100 host one launch of kernels/nf4_mma.py's kernel costs 38 us of host time
-through `jit_fn[grid]` and 15 us through the binary (run 110, benchmarks/RESULTS.md); at M = 1 the
+directly. On the H100 host one launch of kernels/nf4_mma.py's kernel costs 39 us of host time
+through `jit_fn[grid]` and 16 us through the binary (run 109, benchmarks/RESULTS.md); at M = 1 the
 kernel itself takes 5-25 us of GPU time, so an eager decode step would pay mostly host time.
 
 Note [direct launch]

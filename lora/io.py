@@ -27,18 +27,28 @@ PREFIX = "base_model.model."
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result onto `path`; on any error nothing is left."""
+    """Call write(tmp_path) and rename the result onto `path`; on any error nothing is left. The file
+    gets the mode a plain open() would give it (0o666 less the umask): mkstemp and safetensors'
+    save_file both create owner-only files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it: for that moment it is the common 0o022."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -90,14 +90,24 @@ def _shares_storage(tensor: torch.Tensor, state_dict: dict, key: str) -> bool:
 
 
 def atomic_write(path: Path, write):
-    """Call write(temporary_path), then rename the temporary file to `path` (removed on failure)."""
+    """Call write(temporary_path), then rename the temporary file to `path` (removed on failure). The
+    file gets the mode a plain open() would give it (0o666 less the umask): safetensors' save_file
+    creates owner-only files."""
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it: for that moment it is the common 0o022."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path):

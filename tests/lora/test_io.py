@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -30,6 +32,18 @@ def test_peft_layout_keys_shapes_and_config(tmp_path):
     assert config["bias"] == "none" and config["use_rslora"] is False and config["use_dora"] is False
     assert config["base_model_name_or_path"] == "toy/base"
     assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """Not owner-only whatever the umask (mkstemp and safetensors' save_file create 0o600 files)."""
+    previous = os.umask(umask)
+    try:
+        _, folder = _saved(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"adapter_config.json": 0o666 & ~umask, "adapter_model.safetensors": 0o666 & ~umask}
 
 
 @pytest.mark.parametrize("kw", [{}, {"use_dora": True}, {"use_rslora": True}])

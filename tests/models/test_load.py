@@ -1,6 +1,8 @@
 """Loading HF-format folders (single file and sharded), NF4 while loading, pre-quantized bitsandbytes
 folders, save_pretrained, and every kind of bad checkpoint."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -103,6 +105,10 @@ def test_save_pretrained_round_trip(tmp_path, max_shard_bytes):
     else:
         assert "model.safetensors.index.json" in files and len(files) > 3
         assert not any(".tmp" in f for f in files)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {stat.S_IMODE((tmp_path / "out" / f).stat().st_mode) for f in files}
+    assert modes == {0o666 & ~umask}  # as a plain open() makes them (safetensors alone writes 0o600)
     same_logits(models.Llama.from_pretrained(tmp_path / "out", dtype=torch.float32), model)
 
 

@@ -29,7 +29,6 @@ __all__ = ["DirectLaunch", "signature"]
 
 _INT32 = range(-2 ** 31, 2 ** 31)
 _INT64 = range(-2 ** 63, 2 ** 63)
-_TENSORS = (torch.Tensor, torch.nn.Parameter)  # isinstance on a tensor costs ~0.15 us; this lookup less
 
 
 def signature(args: tuple, params: tuple) -> tuple:
@@ -41,7 +40,7 @@ def signature(args: tuple, params: tuple) -> tuple:
         kind = type(arg)
         if param is None:
             key.append(arg)
-        elif kind in _TENSORS or (kind is not int and kind is not float and isinstance(arg, torch.Tensor)):
+        elif isinstance(arg, torch.Tensor):
             key.append((arg.dtype, param[1] and arg.data_ptr() % 16 == 0))
         elif kind is int:
             specialize, divisible = param

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .wrap import lora_layers, wrap
 
-__all__ = ["save", "load", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save", "load", "atomic_write", "plain_mode", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,7 +36,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, plain_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,11 +44,12 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def _umask() -> int:
-    """The process's umask. Reading it means setting it: for that moment it is the common 0o022."""
+def plain_mode(directory: bool = False) -> int:
+    """The mode a plain open() (or mkdir()) gives: 0o666 (0o777) less the process's umask. Reading
+    the umask means setting it: for that moment it is the common 0o022."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from lora.data import (
     IGNORE, Batch, DataStats, pack, pad_rows, read_jsonl, split_eval, tokenize, unpacked,
 )
 from lora.graphs import PAD_MULTIPLE, StepGraphs
+from lora.io import atomic_write, plain_mode
 from lora.loss import loss_sum
 from models.jsonfile import read_json_object
 
@@ -239,7 +240,8 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-NNNNNN/: adapter, optimizer, progress, RNG; written whole or not at all."""
+        """checkpoints/step-NNNNNN/: adapter, optimizer, progress, RNG; written whole or not at all, with
+        the modes of plain open() and mkdir() calls."""
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.progress.step:06d}"
@@ -251,10 +253,11 @@ class Trainer:
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             from safetensors.torch import save_file
-            save_file(rng, tmp / "rng.safetensors")
+            atomic_write(tmp / "rng.safetensors", lambda path: save_file(rng, path))
             state = {"progress": dataclasses.asdict(self.progress),
                      "config": dataclasses.asdict(self.config), "history": self.history}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+            os.chmod(tmp, plain_mode(directory=True))  # mkdtemp's folder is owner-only
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -2,7 +2,9 @@
 dataset. Loss falls; resume is exact; bad input is clear; checkpoints are whole or absent; the
 merged export computes what the adapted model computes."""
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -102,6 +104,22 @@ def test_a_failed_checkpoint_write_leaves_nothing_behind(tiny_model_dir, small_d
         trainer.save_checkpoint()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]
     assert trainer.latest_checkpoint() == first
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoint_gets_the_modes_of_plain_files_and_folders(tiny_model_dir, small_data, tmp_path, umask):
+    """Not owner-only whatever the umask (mkdtemp and safetensors' save_file create owner-only ones)."""
+    trainer = lora.train.Trainer(_config(tiny_model_dir, small_data, tmp_path, max_steps=1), log=lambda s: None)
+    trainer.train_step()
+    previous = os.umask(umask)
+    try:
+        folder = trainer.save_checkpoint()
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")}
+    modes["."] = stat.S_IMODE(folder.stat().st_mode)
+    assert "rng.safetensors" in modes and "trainer_state.json" in modes
+    assert modes == {name: (0o777 if (folder / name).is_dir() else 0o666) & ~umask for name in modes}
 
 
 def test_merged_export_matches_the_adapted_model(tiny_model_dir, small_data, tmp_path):

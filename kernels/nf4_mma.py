@@ -429,23 +429,6 @@ def _fetch_at(j, w_ats, row_blocks, first, absmax_ptr, VEC: tl.constexpr, UNROLL
 
 
 @triton.jit
-def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: tl.constexpr, UNROLL: tl.constexpr,
-                 ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """_fetch_at(j, ...) where `valid`; elsewhere the same loads from safe_ptr (16-aligned, at least
-    UNROLL 16 VEC bytes) and absmax_ptr, whose values are dropped (Note [first loads])."""
-    w_at = _advance(w_ats, j * (UNROLL * 16 * VEC), ROW_TILES)
-    entry_at = _advance(_blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), absmax_ptr, ROW_TILES)
-    safe = safe_ptr.to(tl.int64)
-    w_safe = ()
-    entry_safe = ()
-    for r in tl.static_range(ROW_TILES):
-        w_safe = w_safe + ((tl.where(valid, w_at[r][0], safe), tl.where(valid, w_at[r][1], safe)),)
-        entry_safe = entry_safe + ((tl.where(valid, entry_at[r][0], absmax_ptr),
-                                    tl.where(valid, entry_at[r][1], absmax_ptr)),)
-    return _fetch(w_safe, entry_safe, VEC, UNROLL, ROW_TILES)
-
-
-@triton.jit
 def _iteration_at(acc, fetched, j, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
                   planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
                   FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -497,7 +480,8 @@ def _mma_gemv_kernel(
     planes = _lane_planes(code_planes_ptr, lane, FLOAT16)
     TABLE_WORDS: tl.constexpr = TABLE_QUARTERS * 2 * VEC // 4  # of a row tile's 2 VEC words per group
     if TABLE_WORDS > 0:
-        table = _table_base(tile)  # written below, after the first loads (Note [first loads])
+        table = _table_base(tile)
+        _fill_table(table, warp * 32 + lane, planes, 32 * KSPLIT)
         lane_table = table + 4 * lane
     else:
         lane_table = lane
@@ -536,24 +520,12 @@ def _mma_gemv_kernel(
     # Note [fetch ahead]: each iteration issues the loads of the iteration DEPTH ahead before its own
     # math, so a warp keeps its loads in flight while it computes; the last DEPTH are peeled off.
     n_iter = count // UNROLL
-    # Note [first loads]: the first iteration's loads (the first two with DEPTH 2) are issued before the
-    # pair table is written, so that their latency overlaps the table's; a warp with no whole
-    # iteration loads from safe places instead and never uses the values. H100, run 117, best
-    # configs with the table at M = 1: 2-5% faster on four shapes (4096 x 14336 20.7 -> 20.1 us,
-    # 8192 x 8192 23.0 -> 21.8), the same on 14336 x 4096; the others unchanged (outputs bit-identical).
-    first = group + mine
     if DEPTH == 2:
-        current = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
-                               ROW_TILES, BLOCKSIZE)
-        following = _fetch_first(tl.maximum(tl.minimum(1, n_iter - 1), 0), w_ats, row_blocks, first, absmax_ptr,
-                                 code_planes_ptr, n_iter > 0, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
-    else:
-        fetched = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
-                               ROW_TILES, BLOCKSIZE)
-    if TABLE_WORDS > 0:
-        _fill_table(table, warp * 32 + lane, planes, 32 * KSPLIT)
-    if DEPTH == 2:
+        first = group + mine
         if n_iter > 0:
+            current = _fetch_at(0, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+            following = _fetch_at(tl.minimum(1, n_iter - 1), w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL,
+                                  ROW_TILES, BLOCKSIZE)
             for i in range(n_iter - 2):
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
                 acc = _iteration_at(acc, current, i, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
@@ -574,7 +546,9 @@ def _mma_gemv_kernel(
         x8_at += n_iter * (UNROLL * X_BYTES)
         group += n_iter * UNROLL
     elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
-        blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
+        block = (group + mine) * GROUP // BLOCKSIZE
+        blocks = _advance(row_blocks, block, ROW_TILES)
+        fetched = _fetch(w_ats, _advance(blocks, absmax_ptr, ROW_TILES), VEC, UNROLL, ROW_TILES)
         for _ in range(n_iter - 1):
             current = fetched
             next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE

@@ -78,19 +78,6 @@ Note [pair lookup]
     other 20 on the ALU pipe). The values are the code rounded to
     bfloat16 (2^-9 relative; bitsandbytes rounds the dequantized weight to bfloat16 as well).
 
-Note [pair table]
-    The same pairs from a table in shared memory: per byte value b, the pair (code[b >> 4],
-    code[b & 15]), once per lane (entry (b, lane) at byte 128 b + 4 lane: a warp's 32 loads hit 32
-    banks whatever the bytes; 32 KB per program, written by all its threads from the permute lookup
-    before the loop). A word's 4 pairs then cost 3 byte permutes and a shift (ALU pipe), 4 address
-    multiply-adds (FMA pipe) and 4 shared loads (MIO), against ~20 ALU instructions. Only the first
-    TABLE_QUARTERS / 4 of a row tile's 2 VEC words per group take the table, so the two pipes share
-    the lookups (all of them saturated the MIO pipe, runs 43-45). H100, run 115 (every config, each
-    timed twice): at M = 1 the best config with 3/4 or 4/4 of the words from the table beat the best
-    without on four shapes (4096 x 4096 11.5 -> 10.1 us, 4096 x 14336 23.4 -> 20.7, 8192 x 8192
-    25.1 -> 22.9, 28672 x 8192 71.2 -> 69.6), tied on 14336 x 4096 (23.6); at M = 16, where x's
-    fragments add MIO loads, it won nowhere, so only M <= 8 times the table configs.
-
 Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
 take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
 compiled for sm_90 in CI and checked against the reference on the GPU.
@@ -106,8 +93,7 @@ from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
-__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_TABLE_CONFIGS",
-           "untimed_config"]
+__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "untimed_config"]
 
 MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
 
@@ -181,65 +167,6 @@ def _pairs(word, p0, p1, p2, p3, p4, p5, p6, p7):
     """The 8 codes of a word as 4 registers of 16-bit pairs (elements (0, 1), (2, 3), (4, 5), (6, 7))."""
     return tl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                      [word, p0, p1, p2, p3, p4, p5, p6, p7],
-                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-
-
-@triton.jit
-def _table_base(anything):
-    """The shared-window address of the pair table (declared once per kernel: this must be called
-    once); `anything` is an unused operand."""
-    return tl.inline_asm_elementwise(
-        """{
-        .shared .align 16 .b32 nf4_pair_table[8192];
-        mov.u32 $0, nf4_pair_table;
-        }""", "=r,r", [anything], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _table_store(at, pair):
-    """The same pair into 4 lanes' copies at shared address `at` (16-aligned); returns a dummy."""
-    return tl.inline_asm_elementwise(
-        """{
-        st.shared.v4.b32 [$1], {$2, $2, $2, $2};
-        mov.b32 $0, 0;
-        }""", "=r,r,r", [at, pair], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _fill_table(base, tid, planes, THREADS: tl.constexpr):
-    """Every thread of the program writes its share of the table's 2048 16-byte chunks (chunk c:
-    byte c >> 3, lanes 4 (c & 7) .. + 3), then the program waits for all of them."""
-    p0, p1, p2, p3, p4, p5, p6, p7 = planes
-    for j in range(2048 // THREADS):
-        chunk = tid + j * THREADS
-        pair, _, _, _ = _pairs((chunk >> 3) * 0x01010101, p0, p1, p2, p3, p4, p5, p6, p7)
-        _table_store(base + chunk * 16, pair)
-    tl.debug_barrier()
-
-
-_TABLE_ASM = tl.constexpr("""{
-    .reg .b32 b0, b1, b2, b3;
-    prmt.b32 b0, $4, 0, 0x4440;
-    prmt.b32 b1, $4, 0, 0x4441;
-    prmt.b32 b2, $4, 0, 0x4442;
-    shr.u32 b3, $4, 24;
-    mad.lo.u32 b0, b0, 128, $5;
-    mad.lo.u32 b1, b1, 128, $5;
-    mad.lo.u32 b2, b2, 128, $5;
-    mad.lo.u32 b3, b3, 128, $5;
-    ld.shared.b32 $0, [b0];
-    ld.shared.b32 $1, [b1];
-    ld.shared.b32 $2, [b2];
-    ld.shared.b32 $3, [b3];
-}""")
-
-
-@triton.jit
-def _table_pairs(word, lane_table):
-    """_pairs through the shared table (Note [pair table]); lane_table = table address + 4 lane."""
-    return tl.inline_asm_elementwise(_TABLE_ASM, "=r,=r,=r,=r,r,r", [word, lane_table],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -332,8 +259,8 @@ def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES:
 
 
 @triton.jit
-def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
-           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
+def _group(acc, words, x_at, x8_at, scales, planes, VEC: tl.constexpr, M_TILES: tl.constexpr,
+           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr):
     """acc (per row tile, 8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words
     (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_at and x8_at
     the byte addresses of this lane's x in rows g and g + 8 of x (the second with M_TILES 2). Every
@@ -352,14 +279,8 @@ def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexp
         t0, t1, t2, t3 = z, z, z, z
         u0, u1, u2, u3 = z, z, z, z
         for v in tl.static_range(VEC):
-            if 2 * v < TABLE_WORDS:  # Note [pair table]
-                a01, a23, a45, a67 = _table_pairs(wg[v], lane_table)
-            else:
-                a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
-            if 2 * v + 1 < TABLE_WORDS:
-                b01, b23, b45, b67 = _table_pairs(wg8[v], lane_table)
-            else:
-                b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
             t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
             t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
             if M_TILES == 2:
@@ -381,8 +302,8 @@ def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexp
 
 @triton.jit
 def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
-               lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
+               VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
     rows g and g + 8) and takes the others from its quad (Note [shared scales])."""
     X_BYTES: tl.constexpr = 64 * VEC
@@ -397,8 +318,8 @@ def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, ne
         shared = ()
         for r in tl.static_range(ROW_TILES):
             shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
-        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, lane_table, VEC,
-                     M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS)
+        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, VEC, M_TILES, FLOAT16,
+                     ROW_TILES)
     return acc
 
 
@@ -430,15 +351,13 @@ def _fetch_at(j, w_ats, row_blocks, first, absmax_ptr, VEC: tl.constexpr, UNROLL
 
 @triton.jit
 def _iteration_at(acc, fetched, j, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                  planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
-                  FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  TABLE_WORDS: tl.constexpr):
+                  planes, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """_iteration on the loads of iteration j (x_at, x8_at: this lane's x addresses in iteration 0)."""
     step = j * (UNROLL * 64 * VEC)
     return _iteration(acc, fetched, x_at + step, x8_at + step,
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
-                      nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
-                      ROW_TILES, TABLE_WORDS)
+                      nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
 
 
 @triton.jit
@@ -466,7 +385,6 @@ def _mma_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
-    TABLE_QUARTERS: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
@@ -478,13 +396,6 @@ def _mma_gemv_kernel(
     g = lane >> 2
     t = lane & 3
     planes = _lane_planes(code_planes_ptr, lane, FLOAT16)
-    TABLE_WORDS: tl.constexpr = TABLE_QUARTERS * 2 * VEC // 4  # of a row tile's 2 VEC words per group
-    if TABLE_WORDS > 0:
-        table = _table_base(tile)
-        _fill_table(table, warp * 32 + lane, planes, 32 * KSPLIT)
-        lane_table = table + 4 * lane
-    else:
-        lane_table = lane
     shift = _shift(offset, DOUBLE_QUANT, OFFSET_IS_POINTER)
     n_groups = K // GROUP
     per_warp = tl.cdiv(n_groups, KSPLIT)
@@ -529,18 +440,18 @@ def _mma_gemv_kernel(
             for i in range(n_iter - 2):
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
                 acc = _iteration_at(acc, current, i, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
-                                    nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                    nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
+                                    ROW_TILES, BLOCKSIZE)
                 current = following
                 following = ahead
             if n_iter >= 2:
                 acc = _iteration_at(acc, current, n_iter - 2, x_at, x8_at, row_blocks, first, sources,
-                                    nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
-                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                    nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
+                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE)
                 current = following
             acc = _iteration_at(acc, current, n_iter - 1, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
-                                nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
+                                BLOCKSIZE)
         w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
         x_at += n_iter * (UNROLL * X_BYTES)
         x8_at += n_iter * (UNROLL * X_BYTES)
@@ -556,14 +467,14 @@ def _mma_gemv_kernel(
             fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
                              VEC, UNROLL, ROW_TILES)
             acc = _iteration(acc, current, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                             planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
+                             planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_at += UNROLL * X_BYTES
             x8_at += UNROLL * X_BYTES
             group += UNROLL
             blocks = next_blocks
         acc = _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                         planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
+                         planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
         w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
         x_at += UNROLL * X_BYTES
         x8_at += UNROLL * X_BYTES
@@ -579,8 +490,7 @@ def _mma_gemv_kernel(
                                        nested_code_ptr, shift, DOUBLE_QUANT),
                                 _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
                                        nested_code_ptr, shift, DOUBLE_QUANT)),)
-        acc = _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
-                     TABLE_WORDS)
+        acc = _group(acc, words, x_at, x8_at, scales, planes, VEC, M_TILES, FLOAT16, ROW_TILES)
         w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
         x_at += X_BYTES
         x8_at += X_BYTES
@@ -617,7 +527,6 @@ class MmaConfig(NamedTuple):
     unroll: int             # groups per loop iteration
     row_tiles: int          # 16-row tiles of W per warp (Note [row tiles])
     depth: int = 1          # iterations from a load to its use (Note [fetch ahead])
-    table: int = 0          # quarters of the words looked up in the shared table (Note [pair table])
 
 
 # One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
@@ -625,10 +534,6 @@ class MmaConfig(NamedTuple):
 MMA_CONFIGS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16)
                for unroll in (2, 4)]
 MMA_CONFIGS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
-# Also timed for M <= 8 (Note [pair table]): every winner of run 115 with the table is among these.
-MMA_TABLE_CONFIGS = [MmaConfig(ksplit, 4, row_tiles, table=table) for row_tiles in (1, 2) for ksplit in (4, 8)
-                     for table in (3, 4)]
-MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 4)]
 _CHOSEN: dict[tuple, MmaConfig] = {}
 _MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
@@ -642,7 +547,7 @@ def untimed_config(n_rows: int) -> MmaConfig:
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
-    ksplit, unroll, row_tiles, depth, table = config
+    ksplit, unroll, row_tiles, depth = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * row_tiles)
@@ -650,23 +555,21 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
     _MMA_GEMV((programs,), (
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
-        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # TABLE_QUARTERS
+        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, table), num_warps=ksplit)
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth), num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
              config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS (and MMA_TABLE_CONFIGS for M <= 8)
-    once per shape (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest;
-    untimed_config with KERNELS_TUNE=0."""
+    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS once per shape
+    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest; untimed_config with
+    KERNELS_TUNE=0."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        configs = MMA_CONFIGS if x2d.shape[0] > 8 else MMA_CONFIGS + MMA_TABLE_CONFIGS
-        config = choose_config(_CHOSEN, key, lambda: configs, lambda: untimed_config(weight.n_rows),
+        config = choose_config(_CHOSEN, key, lambda: MMA_CONFIGS, lambda: untimed_config(weight.n_rows),
                                lambda c: _launch(x2d, weight, bias, out, c))
     _launch(x2d, weight, bias, out, config)
     return out

@@ -40,9 +40,11 @@ Note [what limits it]
     loop's ALU work 4x (3.5 -> 2.3 instructions per weight) but then the L1/shared pipe saturates
     (the MIO queue stalls 34% of cycles: 4 table loads per word, and the W loads, which touch 8
     rows each): 77 against 72 us; taking half the rows from each lookup: 76 us, L1 75% busy.
-    A share of the words through that table and the rest through the permutes (Note [pair table])
-    gains up to 13% at M = 1 and nothing at M = 16: with the ALU pipe relieved, memory latency and
-    the dependent chains still stall the loop (benchmarks/RESULTS.md, runs 92-93 and 114-116).
+    Runs 114-119 sent only a share of each group's words through that table (written by all of a
+    program's threads before the loop) and the rest through the permutes: timed alone, up to 13%
+    faster at M = 1 (nothing at M = 16), but graphed 1B decoding became 1.3x slower with those
+    configs chosen (4.44-4.61 against 3.33-3.50 ms/token, one process): between other kernels, the
+    program's 32 KB of shared memory cost more than the lookup saved. Not kept (benchmarks/RESULTS.md).
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g

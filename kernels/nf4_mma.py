@@ -43,8 +43,8 @@ Note [what limits it]
     Runs 114-119 sent only a share of each group's words through that table (written by all of a
     program's threads before the loop) and the rest through the permutes: timed alone, up to 13%
     faster at M = 1 (nothing at M = 16), but graphed 1B decoding became 1.3x slower with those
-    configs chosen (4.44-4.61 against 3.33-3.50 ms/token, one process): between other kernels, the
-    program's 32 KB of shared memory cost more than the lookup saved. Not kept (benchmarks/RESULTS.md).
+    configs chosen (4.44-4.61 against 3.33-3.50 ms/token, one process). The cause was not found
+    (the program's 32 KB of shared memory is the suspect). Not kept (benchmarks/RESULTS.md).
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g

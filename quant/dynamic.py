@@ -95,8 +95,13 @@ def quantize_blockwise(
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
-    """code[q] * absmax[block] in float32, flat (numel,)."""
+    """code[q] * absmax[block] in float32, flat (numel,). The whole blocks multiply as a (full,
+    blocksize) view by absmax[:full, None], the partial last one by its absmax: no per-element block
+    index is built (on the CPU that index cost more than the products)."""
     n = codes.numel()
-    values = code.to(codes.device)[codes.reshape(-1).long()]
-    block_of = torch.arange(n, device=codes.device) // blocksize
-    return values * absmax[block_of]
+    values = code.to(device=codes.device, dtype=torch.float32).index_select(0, codes.reshape(-1).int())  # (n,)
+    full = n // blocksize
+    values[: full * blocksize].view(full, blocksize).mul_(absmax[:full, None])
+    if full * blocksize != n:
+        values[full * blocksize:].mul_(absmax[full])
+    return values

@@ -124,6 +124,15 @@ def test_dequantize_and_zero_blocks():
     assert (err <= max_gap / 2 * absmax[:, None] + 1e-9).all()
 
 
+@pytest.mark.parametrize("n,blocksize", [(1, 256), (255, 256), (256, 256), (1000, 256), (4097, 64), (12, 5)])
+def test_dequantize_takes_every_element_s_own_block_scale(n, blocksize):
+    code = dynamic_map(True)
+    codes = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    absmax = torch.rand(-(-n // blocksize)) + 0.5
+    want = code[codes.long()] * absmax[torch.arange(n) // blocksize]
+    assert torch.equal(dequantize_blockwise(codes, absmax, code, blocksize), want)
+
+
 def test_integer_input_is_a_type_error():
     with pytest.raises(TypeError, match="int64"):
         quantize_blockwise(torch.arange(10), dynamic_map(True))

@@ -31,6 +31,20 @@ def test_forward_is_x_times_dequantized_weight(bias):
     assert 0.01 < rel < 0.2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant,blocksize,shape", [(True, 64, (48, 40)), (False, 128, (33, 77)),
+                                                          (True, 32, (300, 96))])
+def test_cpu_merged_weight_is_bit_for_bit_the_kernels_reference(dtype, double_quant, blocksize, shape):
+    """dequantize and dequantize_lowrank take quant's own decoding on the CPU; it must equal the
+    plain formula of kernels/reference.py, which the GPU kernels are checked against."""
+    from kernels import reference
+    layer = quant.Linear4bit.from_weight(torch.randn(*shape), blocksize=blocksize, double_quant=double_quant)
+    lora_b, lora_a = torch.randn(shape[0], 8), torch.randn(8, shape[1])
+    assert torch.equal(layer.dequantize(dtype), reference.dequantize_nf4(layer.weight, layer.quant_state, dtype))
+    assert torch.equal(layer.dequantize_lowrank(lora_b, lora_a, 0.25, dtype),
+                       reference.dequantize_nf4_lowrank(layer.weight, layer.quant_state, lora_b, lora_a, 0.25, dtype))
+
+
 def test_backward_gives_input_and_bias_grads_only():
     linear, layer = make_layer()
     w = layer.dequantize().clone()

@@ -275,7 +275,7 @@ class Linear4bit(nn.Module):
                 import kernels
                 return kernels.dequantize_nf4_lowrank(self.weight, self.kernel_weight(), lora_b, lora_a, scaling, dtype)
             from kernels import reference  # plain PyTorch, no Triton: the same formula as the kernel
-            weight = dequantize_4bit(self.weight, self.quant_state, dtype=torch.float32)  # what reference's gives
+            weight = dequantize_4bit(self.weight, self.quant_state, dtype=torch.float32)  # = reference's, faster
             return reference.add_lowrank(weight, lora_b, lora_a, scaling, dtype)
 
     def input_gradient(self, grad: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,

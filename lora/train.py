@@ -33,7 +33,7 @@ from lora.data import (
     IGNORE, Batch, DataStats, pack, pad_rows, read_jsonl, split_eval, tokenize, unpacked,
 )
 from lora.graphs import PAD_MULTIPLE, StepGraphs
-from lora.io import atomic_write, plain_mode
+from lora.io import plain_mode
 from lora.loss import loss_sum
 from models.jsonfile import read_json_object
 
@@ -253,7 +253,8 @@ class Trainer:
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             from safetensors.torch import save_file
-            atomic_write(tmp / "rng.safetensors", lambda path: save_file(rng, path))
+            save_file(rng, tmp / "rng.safetensors")  # the folder is renamed whole below
+            os.chmod(tmp / "rng.safetensors", plain_mode())  # save_file creates owner-only files
             state = {"progress": dataclasses.asdict(self.progress),
                      "config": dataclasses.asdict(self.config), "history": self.history}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")

@@ -20,7 +20,7 @@ Note [nearest code by binary search]
 """
 import torch
 
-__all__ = ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["dynamic_map", "quantize_blockwise", "dequantize_blockwise", "scale_blocks_"]
 
 _MAX_EXPONENT_BITS = 7
 
@@ -95,11 +95,16 @@ def quantize_blockwise(
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
-    """code[q] * absmax[block] in float32, flat (numel,). The whole blocks multiply as a (full,
+    """code[q] * absmax[block] in float32, flat (numel,)."""
+    values = code.to(device=codes.device, dtype=torch.float32).index_select(0, codes.reshape(-1).int())  # (n,)
+    return scale_blocks_(values, absmax, blocksize)
+
+
+def scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) *= absmax[i // blocksize] in place, returned. The whole blocks multiply as a (full,
     blocksize) view by absmax[:full, None], the partial last one by its absmax: no per-element block
     index is built (on the CPU that index cost more than the products)."""
-    n = codes.numel()
-    values = code.to(device=codes.device, dtype=torch.float32).index_select(0, codes.reshape(-1).int())  # (n,)
+    n = values.numel()
     full = n // blocksize
     values[: full * blocksize].view(full, blocksize).mul_(absmax[:full, None])
     if full * blocksize != n:

@@ -400,7 +400,7 @@ def matmul_nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Te
 def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
                    config: MmaConfig | None = None) -> torch.Tensor:
     """The tensor-core streaming kernel of kernels/nf4_mma.py for M <= MMA_M_MAX rows of 16-bit x on
-    CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config: None times nf4_mma.MMA_CONFIGS
+    CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config: None times nf4_mma's configs
     once per shape and keeps the fastest."""
     weight = nf4_weight(packed, state, x.device)
     x2d = _flat_input(x, weight.n_cols, "matmul_nf4_mma", "in_features of the NF4 weight")

@@ -6,18 +6,18 @@
             A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
-        partial sums of the warps -> scratch (L2), a barrier, summed, (+ bias), stored as x's dtype
+        partial sums of the warps -> shared memory, a barrier, summed, (+ bias), stored as x's dtype
 
 The kernel is written per thread: Triton scalars hold each lane's own values (the lane id comes
-from PTX %laneid), the loads, the mma and the stores of the partial sums are inline PTX, and
-Triton's tensors appear only at the end, where the warps' partial sums are read back from
-memory. So no Triton layout conversion (shared memory, barriers) sits in the loop, and each
-weight costs ~20 / 8 byte-permute and logic instructions plus 1/8 of an mma: 3.5 SASS instructions
-per weight in the loop (sm_90 compile, blocksize 64, 4 groups per iteration), against ~7 for the
-FMA kernel of kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the
-scales through shared memory). In an iteration the warp's next words are already loading
+from PTX %laneid), and the loads, the mma and the partial sums' stores and loads are inline PTX,
+so no Triton layout conversion (shared memory, barriers) sits in the loop, and each weight costs
+~20 / 8 byte-permute and logic instructions plus 1/8 of an mma: 3.5 SASS instructions per weight in
+the loop (sm_90 compile, blocksize 64, 4 groups per iteration), against ~7 for the FMA kernel of
+kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the scales through
+shared memory). In an iteration the warp's next words are already loading
 (Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]). A warp may cover
-two 16-row tiles with the same x fragments (Note [row tiles]).
+two 16-row tiles with the same x fragments (Note [row tiles]), and the warps' sums meet in shared
+memory (Note [epilogue]).
 
 Note [fetch ahead]
     In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
@@ -58,6 +58,20 @@ Note [lane map]
     is why the scale can multiply the mma's sum (post-scaling, float32) instead of every weight.
     VEC = min(4, blocksize // 32): blocksize 64 (QLoRA's) reads 8 bytes per lane per row.
 
+Note [epilogue]
+    The warps of a program hold partial sums of the same rows of y.T over their parts of K. Each
+    stores its accumulators into the program's (warp, column, row) float32 array in shared memory
+    (KSPLIT x 8 M_TILES x ROWS, 1-32 KB, a static .shared array declared in PTX), then after one
+    barrier every thread sums the KSPLIT partials of one or more outputs, in warp order, adds the bias and
+    stores the output rounded to x's dtype. Before run 121 the partials went to a scratch tensor in
+    global memory (L2) and back through a Triton load and reduction: one more L2 round trip and a
+    second barrier per program, and a torch.empty per call. At M = 1 the shared sums were 11-27%
+    faster on every benchmark shape (4096 x 4096: 11.6 -> 8.5 us; 28672 x 8192: 71.1 -> 62.0); at
+    M = 16 they were 1-2% faster on three shapes and 6% slower on two (4096 x 4096, 4096 x 14336),
+    with the same loop SASS and fewer registers (not explained), so M > 8 times both epilogues. Tried
+    with it, not kept: an L1 prefetch of the next iteration's x (prefetch.global.L1 by each quad)
+    at M = 16, 1-25% slower with either epilogue.
+
 Note [row tiles]
     Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
     L2, not from DRAM, but at M = 16 those loads move 4x the bytes of W, and the programs' x reads
@@ -95,7 +109,7 @@ from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
-__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "untimed_config"]
+__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8", "untimed_config"]
 
 MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
 
@@ -216,6 +230,72 @@ def _lane_planes(code_planes_ptr, lane, FLOAT16: tl.constexpr):
     at = code_planes_ptr + (0 if FLOAT16 else 16 * 32) + lane
     return (tl.load(at), tl.load(at + 32), tl.load(at + 2 * 32), tl.load(at + 3 * 32), tl.load(at + 4 * 32),
             tl.load(at + 5 * 32), tl.load(at + 6 * 32), tl.load(at + 7 * 32))
+
+
+_PARTIALS_DECLARATION = "{{ .shared .align 16 .b32 nf4_mma_partials[{words}]; mov.u32 $0, nf4_mma_partials; }}"
+_PARTIALS_256 = tl.constexpr(_PARTIALS_DECLARATION.format(words=256))
+_PARTIALS_512 = tl.constexpr(_PARTIALS_DECLARATION.format(words=512))
+_PARTIALS_1024 = tl.constexpr(_PARTIALS_DECLARATION.format(words=1024))
+_PARTIALS_2048 = tl.constexpr(_PARTIALS_DECLARATION.format(words=2048))
+_PARTIALS_4096 = tl.constexpr(_PARTIALS_DECLARATION.format(words=4096))
+_PARTIALS_8192 = tl.constexpr(_PARTIALS_DECLARATION.format(words=8192))
+
+
+@triton.jit
+def _partials_base(anything, WORDS: tl.constexpr):
+    """Shared-window address of the program's (warp, column, row) float32 partial sums, WORDS of them
+    (a power of two from 256 to 8192); declared once per kernel, so called once."""
+    if WORDS == 256:
+        asm: tl.constexpr = _PARTIALS_256
+    elif WORDS == 512:
+        asm: tl.constexpr = _PARTIALS_512
+    elif WORDS == 1024:
+        asm: tl.constexpr = _PARTIALS_1024
+    elif WORDS == 2048:
+        asm: tl.constexpr = _PARTIALS_2048
+    elif WORDS == 4096:
+        asm: tl.constexpr = _PARTIALS_4096
+    else:
+        tl.static_assert(WORDS == 8192)
+        asm: tl.constexpr = _PARTIALS_8192
+    return tl.inline_asm_elementwise(asm, "=r,r", [anything], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shared_store(at, value):
+    """float32 `value` at shared address `at`; returns a dummy."""
+    return tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [at, value],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _shared_load(at):
+    """float32 at shared address `at` (after the barrier that follows the stores)."""
+    return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [at], dtype=tl.float32, is_pure=False,
+                                     pack=1)
+
+
+_STORE_HALF = """{{
+        .reg .pred p;
+        .reg .b16 h;
+        setp.ne.b32 p, $3, 0;
+        cvt.rn.{t}.f32 h, $2;
+        @p st.global.b16 [$1], h;
+        mov.b32 $0, 0;
+        }}"""
+_STORE_F16 = tl.constexpr(_STORE_HALF.format(t="f16"))
+_STORE_BF16 = tl.constexpr(_STORE_HALF.format(t="bf16"))
+
+
+@triton.jit
+def _store_half(address, value, valid, FLOAT16: tl.constexpr):
+    """float32 `value` rounded to float16 or bfloat16 at byte `address` (int64) where `valid` != 0."""
+    if FLOAT16:
+        asm: tl.constexpr = _STORE_F16
+    else:
+        asm: tl.constexpr = _STORE_BF16
+    return tl.inline_asm_elementwise(asm, "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit
@@ -387,6 +467,7 @@ def _mma_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
+    SHARED_SUMS: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
@@ -497,30 +578,58 @@ def _mma_gemv_kernel(
         x_at += X_BYTES
         x8_at += X_BYTES
         group += 1
-    # The warps' partial sums of the program's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
     M_PAD: tl.constexpr = 8 * M_TILES
-    part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
-    col = 2 * t
-    for r in tl.static_range(ROW_TILES):
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
-        row = 16 * r + g
-        _store2(part + (row * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
-        _store2(part + ((row + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
-        if M_TILES == 2:
-            _store2(part + (row * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
-            _store2(part + ((row + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
-    tl.debug_barrier()
-    warps = tl.arange(0, KSPLIT)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, M_PAD)
-    parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * ROWS + rows[None, :, None]) * M_PAD
-                    + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, ROWS, M_PAD)
-    y = tl.sum(parts, axis=0)  # (ROWS, M_PAD): y.T
-    out_rows = tile * ROWS + rows
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
-             y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
+    if SHARED_SUMS:
+        # Note [epilogue]: the warps' partial sums of the program's rows, (KSPLIT, M_PAD columns of y.T,
+        # ROWS rows) float32 in shared memory; after a barrier each thread sums the KSPLIT partials of
+        # the outputs tid, tid + 32 KSPLIT, ... (row fastest: neighbouring threads store neighbouring y).
+        base = _partials_base(tile, KSPLIT * M_PAD * ROWS)
+        mine_at = base + warp * (M_PAD * ROWS * 4)
+        for r in tl.static_range(ROW_TILES):
+            row = 16 * r + g
+            for c in tl.static_range(2 * M_TILES):
+                col = 2 * t + 8 * (c // 2) + (c % 2)
+                _shared_store(mine_at + (col * ROWS + row) * 4, acc[r][4 * (c // 2) + (c % 2)])
+                _shared_store(mine_at + (col * ROWS + row + 8) * 4, acc[r][4 * (c // 2) + 2 + (c % 2)])
+        tl.debug_barrier()
+        tid = warp * 32 + lane
+        for j in tl.static_range((ROWS * M_PAD + 32 * KSPLIT - 1) // (32 * KSPLIT)):
+            o = tl.minimum(tid + j * (32 * KSPLIT), ROWS * M_PAD - 1)
+            row = o % ROWS
+            col = o // ROWS
+            y = 0.0
+            for w in tl.static_range(KSPLIT):
+                y += _shared_load(base + ((w * M_PAD + col) * ROWS + row) * 4)
+            out_row = tile * ROWS + row
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + tl.minimum(out_row, N - 1)).to(tl.float32)
+            valid = (tid + j * (32 * KSPLIT) < ROWS * M_PAD) & (col < M) & (out_row < N)
+            _store_half(out_ptr.to(tl.int64) + (col.to(tl.int64) * stride_om + out_row) * 2, y, valid.to(tl.int32),
+                        FLOAT16)
+    else:
+        # The warps' partial sums of the program's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
+        part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
+        col = 2 * t
+        for r in tl.static_range(ROW_TILES):
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
+            row = 16 * r + g
+            _store2(part + (row * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
+            _store2(part + ((row + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
+            if M_TILES == 2:
+                _store2(part + (row * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
+                _store2(part + ((row + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
+        tl.debug_barrier()
+        warps = tl.arange(0, KSPLIT)
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, M_PAD)
+        parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * ROWS + rows[None, :, None]) * M_PAD
+                        + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, ROWS, M_PAD)
+        y = tl.sum(parts, axis=0)  # (ROWS, M_PAD): y.T
+        out_rows = tile * ROWS + rows
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
+                 y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
 
 
 class MmaConfig(NamedTuple):
@@ -529,13 +638,17 @@ class MmaConfig(NamedTuple):
     unroll: int             # groups per loop iteration
     row_tiles: int          # 16-row tiles of W per warp (Note [row tiles])
     depth: int = 1          # iterations from a load to its use (Note [fetch ahead])
+    shared_sums: bool = True  # the warps' sums meet in shared memory, else in global scratch (Note [epilogue])
 
 
 # One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
 # ahead only won with one row tile and 8 warps (runs 66-68, benchmarks/RESULTS.md).
-MMA_CONFIGS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16)
-               for unroll in (2, 4)]
-MMA_CONFIGS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
+_LOOPS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
+_LOOPS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
+# Sums in shared memory won at M = 1 on every shape, by 11-27%; at M = 16 either epilogue won on some
+# shapes, by up to 6% (run 121, benchmarks/RESULTS.md), so M > 8 times both.
+MMA_CONFIGS_M8 = _LOOPS
+MMA_CONFIGS = _LOOPS + [config._replace(shared_sums=False) for config in _LOOPS]
 _CHOSEN: dict[tuple, MmaConfig] = {}
 _MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
@@ -549,29 +662,34 @@ def untimed_config(n_rows: int) -> MmaConfig:
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
-    ksplit, unroll, row_tiles, depth = config
+    ksplit, unroll, row_tiles, depth, shared_sums = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * row_tiles)
-    scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
+    if shared_sums:
+        scratch = out  # not read
+    else:
+        scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
     _MMA_GEMV((programs,), (
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
-        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH
+        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
+        # SHARED_SUMS
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth), num_warps=ksplit)
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums), num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
              config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS once per shape
+    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS (MMA_CONFIGS_M8 for M <= 8) once per shape
     (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest; untimed_config with
     KERNELS_TUNE=0."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        config = choose_config(_CHOSEN, key, lambda: MMA_CONFIGS, lambda: untimed_config(weight.n_rows),
+        configs = MMA_CONFIGS if x2d.shape[0] > 8 else MMA_CONFIGS_M8
+        config = choose_config(_CHOSEN, key, lambda: configs, lambda: untimed_config(weight.n_rows),
                                lambda c: _launch(x2d, weight, bias, out, c))
     _launch(x2d, weight, bias, out, config)
     return out

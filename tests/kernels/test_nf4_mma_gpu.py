@@ -33,10 +33,11 @@ def test_bf16_shapes_and_rows(n_rows, n_cols, m):
     _run(n_rows, n_cols, 64, m)
 
 
-@pytest.mark.parametrize("config", nf4_mma.MMA_CONFIGS)
+@pytest.mark.parametrize("config,m", [(config, m) for config in nf4_mma.MMA_CONFIGS_M8 for m in (5, 12)]
+                         + [(config, 12) for config in nf4_mma.MMA_CONFIGS if config not in nf4_mma.MMA_CONFIGS_M8])
 @pytest.mark.parametrize("n_cols,blocksize", [(4160, 64), (1088, 32), (5120, 1024)])
-def test_every_config(config, n_cols, blocksize):
-    _run(1000, n_cols, blocksize, 5, config=config)  # uneven parts of K, remainder loops, many groups per block
+def test_every_config(config, m, n_cols, blocksize):
+    _run(1000, n_cols, blocksize, m, config=config)  # uneven parts of K, remainder loops, many groups per block
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024])

@@ -62,13 +62,14 @@ Note [epilogue]
     The warps of a program hold partial sums of the same rows of y.T over their parts of K. Each
     stores its accumulators into the program's (warp, column, row) float32 array in shared memory
     (KSPLIT x 8 M_TILES x ROWS, 1-32 KB, a static .shared array declared in PTX), then after one
-    barrier every thread sums the KSPLIT partials of one or more outputs, in warp order, adds the bias and
-    stores the output rounded to x's dtype. Before run 121 the partials went to a scratch tensor in
+    barrier every thread sums the KSPLIT partials of one or more outputs, in warp order, adds the
+    bias and stores the output rounded to x's dtype. Before run 121 the partials went to a scratch tensor in
     global memory (L2) and back through a Triton load and reduction: one more L2 round trip and a
     second barrier per program, and a torch.empty per call. At M = 1 the shared sums were 11-27%
     faster on every benchmark shape (4096 x 4096: 11.6 -> 8.5 us; 28672 x 8192: 71.1 -> 62.0); at
     M = 16 they were 1-2% faster on three shapes and 6% slower on two (4096 x 4096, 4096 x 14336),
-    with the same loop SASS and fewer registers (not explained), so M > 8 times both epilogues. Tried
+    with the same loop SASS and fewer registers (not explained), so M > 8 times both epilogues.
+    kernels/nf4_mma_t.py sums its warps the same way (run 127: 1-8% faster than its scratch). Tried
     with it, not kept: an L1 prefetch of the next iteration's x (prefetch.global.L1 by each quad)
     at M = 16, 1-25% slower with either epilogue.
 
@@ -296,6 +297,18 @@ def _store_half(address, value, valid, FLOAT16: tl.constexpr):
         asm: tl.constexpr = _STORE_BF16
     return tl.inline_asm_elementwise(asm, "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False,
                                      pack=1)
+
+
+@triton.jit
+def _add_global(address, value, valid):
+    """Atomically add float32 `value` at byte `address` (int64) where `valid` != 0; returns a dummy."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        setp.ne.b32 p, $3, 0;
+        @p red.relaxed.gpu.global.add.f32 [$1], $2;
+        mov.b32 $0, 0;
+        }""", "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ gradient of x @ W.T at decode-sized batches), W (N, K) read once.
             A_j    = pairs re-paired along N, for the 4 column tiles j             one prmt per register
             B      = g[m, rows] * scale[row, block], rounded to bfloat16           Note [scales in g]
             acc_j += mma.m16n8k16(A_j, B)                                          float32
-        the warps' acc summed through scratch, added to out32 (M, K) float32 atomically; out = out32 in g's dtype
+        the warps' acc summed in shared memory, added to out32 (M, K) float32 atomically; out = out32 in g's dtype
 
 Note [transposed lane map]
     out.T (K, M) = W.T (K, N) @ g.T (N, M): A is a 16 x 16 tile of W.T, its rows 16 columns of W,
@@ -20,7 +20,7 @@ Note [transposed lane map]
     8 gid + 2j + 1. The lookup gives a word as four pairs along K, (column 2j, column 2j + 1) of one
     row of W; the A registers want pairs along N (two rows, one column), so one prmt per register
     transposes the 2 x 2 block of two rows' pairs. The output columns of a tile are strided: each
-    lane stores its sums at their columns in the program's scratch, where the warps are summed.
+    lane stores its sums at their columns in the program's shared memory, where the warps are summed.
 
 Note [scales in g]
     The mma sums over 16 rows of W, each with its own block scale, so the scale cannot multiply the
@@ -46,7 +46,8 @@ import triton.language as tl
 
 from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
-from kernels.nf4_mma import _lane_ids, _lane_planes, _mma, _pairs, _scale, _shift, _shuffle, _store2
+from kernels.nf4_mma import (_add_global, _lane_ids, _lane_planes, _mma, _pairs, _partials_base, _scale,
+                             _shared_load, _shared_store, _shift, _shuffle)
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS"]
@@ -149,8 +150,8 @@ def _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, pl
 
 @triton.jit
 def _mma_t_kernel(
-    g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_planes_ptr, scratch_ptr,
-    out32_ptr, M, N, K, stride_gm, rows_per_program,
+    g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_planes_ptr, out32_ptr,
+    M, N, K, stride_gm, rows_per_program,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr, M_TILES: tl.constexpr,
     WARPS: tl.constexpr,
 ):
@@ -180,27 +181,30 @@ def _mma_t_kernel(
         acc, acc8 = _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, planes, t, N, M_TILES,
                                 DOUBLE_QUANT)
     # C of tile j: rows gid (column 8 gid + 2j of the program's) and gid + 8 (the next column) of
-    # out.T, columns 2t, 2t + 1 (rows of out). The warps' sums go to this program's scratch, then
-    # one float32 atomic add per output of the program (not one per warp).
+    # out.T, columns 2t, 2t + 1 (rows of out). The warps' sums meet in shared memory (nf4_mma's Note
+    # [epilogue]), then one float32 atomic add per output of the program (not one per warp).
     M_PAD: tl.constexpr = 8 * M_TILES
-    program = tl.program_id(1) * tl.num_programs(0) + pid_col
-    part = scratch_ptr.to(tl.int64) + ((program * WARPS + warp) * 64 * M_PAD).to(tl.int64) * 4
+    base = _partials_base(pid_col, WARPS * M_PAD * 64)  # (warp, row of out, column) float32
+    mine_at = base + warp * (M_PAD * 64 * 4)
     for j in tl.static_range(4):
         col = 8 * gid + 2 * j
-        _store2(part + (col * M_PAD + 2 * t) * 4, acc[4 * j], acc[4 * j + 1], 1)
-        _store2(part + ((col + 1) * M_PAD + 2 * t) * 4, acc[4 * j + 2], acc[4 * j + 3], 1)
-        if M_TILES == 2:
-            _store2(part + (col * M_PAD + 2 * t + 8) * 4, acc8[4 * j], acc8[4 * j + 1], 1)
-            _store2(part + ((col + 1) * M_PAD + 2 * t + 8) * 4, acc8[4 * j + 2], acc8[4 * j + 3], 1)
+        for h in tl.static_range(2):  # columns col, col + 1
+            _shared_store(mine_at + ((2 * t) * 64 + col + h) * 4, acc[4 * j + 2 * h])
+            _shared_store(mine_at + ((2 * t + 1) * 64 + col + h) * 4, acc[4 * j + 2 * h + 1])
+            if M_TILES == 2:
+                _shared_store(mine_at + ((2 * t + 8) * 64 + col + h) * 4, acc8[4 * j + 2 * h])
+                _shared_store(mine_at + ((2 * t + 9) * 64 + col + h) * 4, acc8[4 * j + 2 * h + 1])
     tl.debug_barrier()
-    warps = tl.arange(0, WARPS)
-    cols = tl.arange(0, 64)
-    ms = tl.arange(0, M_PAD)
-    parts = tl.load(scratch_ptr + ((program * WARPS + warps[:, None, None]) * 64 + cols[None, :, None]) * M_PAD
-                    + ms[None, None, :], mask=(ms < M)[None, None, :], other=0.0)  # (WARPS, 64, M_PAD)
-    y = tl.sum(parts, axis=0)  # (64 columns, M_PAD rows of out)
-    tl.atomic_add(out32_ptr + ms[None, :].to(tl.int64) * K + (first_col + cols)[:, None], y,
-                  mask=(ms < M)[None, :], sem="relaxed")
+    tid = warp * 32 + lane
+    for i in tl.static_range((64 * M_PAD + 32 * WARPS - 1) // (32 * WARPS)):
+        o = tl.minimum(tid + i * (32 * WARPS), 64 * M_PAD - 1)
+        col = o % 64
+        m = o // 64
+        y = 0.0
+        for w in tl.static_range(WARPS):
+            y += _shared_load(base + ((w * M_PAD + m) * 64 + col) * 4)
+        valid = (tid + i * (32 * WARPS) < 64 * M_PAD) & (m < M)
+        _add_global(out32_ptr.to(tl.int64) + (m.to(tl.int64) * K + first_col + col) * 4, y, valid.to(tl.int32))
 
 
 class MmaTConfig(NamedTuple):
@@ -220,11 +224,9 @@ def _launch(g2d: torch.Tensor, weight: NF4Weight, out32: torch.Tensor, config: M
     rows_per_program = config.warps * config.rows_per_warp
     grid = (k // COLUMNS, triton.cdiv(n, rows_per_program))
     m_tiles = 1 if m <= 8 else 2
-    scratch = torch.empty(grid[0] * grid[1] * config.warps * COLUMNS * 8 * m_tiles, dtype=torch.float32,
-                          device=g2d.device)
     _MMA_T(grid, (
         g2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
-        weight.code_planes, scratch, out32, m, n, k, g2d.stride(0), rows_per_program,
+        weight.code_planes, out32, m, n, k, g2d.stride(0), rows_per_program,
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, M_TILES, WARPS
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, m_tiles, config.warps), num_warps=config.warps)
 

@@ -110,7 +110,7 @@ def _compile_all() -> list[dict]:
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))
-    for m_tiles, blocksize, double_quant, warps in ((1, 64, True, 4), (2, 128, False, 8)):
+    for m_tiles, blocksize, double_quant, warps in ((1, 64, True, 4), (2, 128, False, 8), (2, 64, True, 4)):
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
                           M_TILES=m_tiles, WARPS=warps)
         if m_tiles == 1:
@@ -119,7 +119,7 @@ def _compile_all() -> list[dict]:
             dict(g_ptr=torch.bfloat16, packed_ptr=torch.uint8,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32, nested_absmax_ptr=torch.float32,
                  nested_code_ptr=torch.float32, offset=torch.float32, code_planes_ptr=torch.int32,
-                 scratch_ptr=torch.float32, out32_ptr=torch.float32, M=16, N=4096, K=4096, stride_gm=4096,
+                 out32_ptr=torch.float32, M=16, N=4096, K=4096, stride_gm=4096,
                  rows_per_program=512), constexprs, triton.Config({}, num_warps=warps, num_stages=1))
     for i, config in enumerate(nf4_lowrank._CONFIGS):  # every config; float16 / float32 and blocksize 256 once
         dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64),

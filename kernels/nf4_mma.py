@@ -14,10 +14,10 @@ so no Triton layout conversion (shared memory, barriers) sits in the loop, and e
 ~20 / 8 byte-permute and logic instructions plus 1/8 of an mma: 3.5 SASS instructions per weight in
 the loop (sm_90 compile, blocksize 64, 4 groups per iteration), against ~7 for the FMA kernel of
 kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the scales through
-shared memory). In an iteration the warp's next words are already loading
-(Note [fetch ahead]) and a quad shares its scale decodes (Note [shared scales]). A warp may cover
-two 16-row tiles with the same x fragments (Note [row tiles]), and the warps' sums meet in shared
-memory (Note [epilogue]).
+shared memory). In an iteration the warp's next words are already loading (Note [fetch ahead])
+and a quad shares its scale decodes (Note [shared scales]). A warp may cover two 16-row tiles
+with the same x fragments (Note [row tiles]), and the warps' sums meet in shared memory (Note
+[epilogue]).
 
 Note [fetch ahead]
     In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
@@ -63,9 +63,9 @@ Note [epilogue]
     stores its accumulators into the program's (warp, column, row) float32 array in shared memory
     (KSPLIT x 8 M_TILES x ROWS, 1-32 KB, a static .shared array declared in PTX), then after one
     barrier every thread sums the KSPLIT partials of one or more outputs, in warp order, adds the
-    bias and stores the output rounded to x's dtype. Before run 121 the partials went to a scratch tensor in
-    global memory (L2) and back through a Triton load and reduction: one more L2 round trip and a
-    second barrier per program, and a torch.empty per call. At M = 1 the shared sums were 11-27%
+    bias and stores the output rounded to x's dtype. Before run 121 the partials went to a scratch
+    tensor in global memory (L2) and back through a Triton load and reduction: one more L2 round
+    trip and a second barrier per program, and a torch.empty per call. At M = 1 the shared sums were 11-27%
     faster on every benchmark shape (4096 x 4096: 11.6 -> 8.5 us; 28672 x 8192: 71.1 -> 62.0); at
     M = 16 they were 1-2% faster on three shapes and 6% slower on two (4096 x 4096, 4096 x 14336),
     with the same loop SASS and fewer registers (not explained), so M > 8 times both epilogues.
@@ -297,18 +297,6 @@ def _store_half(address, value, valid, FLOAT16: tl.constexpr):
         asm: tl.constexpr = _STORE_BF16
     return tl.inline_asm_elementwise(asm, "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False,
                                      pack=1)
-
-
-@triton.jit
-def _add_global(address, value, valid):
-    """Atomically add float32 `value` at byte `address` (int64) where `valid` != 0; returns a dummy."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        setp.ne.b32 p, $3, 0;
-        @p red.relaxed.gpu.global.add.f32 [$1], $2;
-        mov.b32 $0, 0;
-        }""", "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
-from kernels.nf4_mma import (_add_global, _lane_ids, _lane_planes, _mma, _pairs, _partials_base, _scale,
-                             _shared_load, _shared_store, _shift, _shuffle)
+from kernels.nf4_mma import (_lane_ids, _lane_planes, _mma, _pairs, _partials_base, _scale, _shared_load,
+                             _shared_store, _shift, _shuffle)
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS"]
@@ -146,6 +146,18 @@ def _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, pl
         else:
             new_acc8 = new_acc8 + (z, z, z, z)
     return new_acc, new_acc8
+
+
+@triton.jit
+def _add_global(address, value, valid):
+    """Atomically add float32 `value` at byte `address` (int64) where `valid` != 0; returns a dummy."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        setp.ne.b32 p, $3, 0;
+        @p red.relaxed.gpu.global.add.f32 [$1], $2;
+        mov.b32 $0, 0;
+        }""", "=r,l,f,r", [address, value, valid], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from quant.dynamic import dynamic_map
+from quant import dynamic
 
 from .paging import BLOCK, Layout, Page, Piece, StateStore
 
@@ -91,7 +91,7 @@ def code_midpoints(code: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(signed map, its midpoints, unsigned map, its midpoints) on `device`."""
-    signed, unsigned = dynamic_map(signed=True), dynamic_map(signed=False)
+    signed, unsigned = dynamic.dynamic_map(signed=True), dynamic.dynamic_map(signed=False)
     tables = (signed, code_midpoints(signed), unsigned, code_midpoints(unsigned))
     return tuple(t.to(device) for t in tables)
 
@@ -133,9 +133,9 @@ def _count_below(y: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCK
 ) -> torch.Tensor:
-    """code[codes] * absmax[block], float32, flat (numel,); numel a multiple of blocksize."""
-    values = code[codes.reshape(-1).long()].view(-1, blocksize)  # (nblocks, blocksize)
-    return (values * absmax.unsqueeze(1)).view(-1)
+    """code[codes] * absmax[block], float32, flat (numel,): quant.dynamic's decoding at the
+    optimizer's block size."""
+    return dynamic.dequantize_blockwise(codes, absmax, code, blocksize)
 
 
 # -- the reference update (what the kernels in kernels/adamw.py compute) -------------------------
@@ -207,8 +207,8 @@ def _kernels():
 
 STATE32 = Layout((Piece("exp_avg", torch.float32, BLOCK), Piece("exp_avg_sq", torch.float32, BLOCK)))
 STATE8 = Layout((
-    Piece("exp_avg_codes", torch.uint8, BLOCK, fill=int(torch.argmin(dynamic_map(True).abs()))),
-    Piece("exp_avg_sq_codes", torch.uint8, BLOCK, fill=int(torch.argmin(dynamic_map(False).abs()))),
+    Piece("exp_avg_codes", torch.uint8, BLOCK, fill=int(torch.argmin(dynamic.dynamic_map(True).abs()))),
+    Piece("exp_avg_sq_codes", torch.uint8, BLOCK, fill=int(torch.argmin(dynamic.dynamic_map(False).abs()))),
     Piece("exp_avg_absmax", torch.float32, 1),
     Piece("exp_avg_sq_absmax", torch.float32, 1),
 ))

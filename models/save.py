@@ -92,7 +92,8 @@ def _shares_storage(tensor: torch.Tensor, state_dict: dict, key: str) -> bool:
 def atomic_write(path: Path, write):
     """Call write(temporary_path), then rename the temporary file to `path` (removed on failure). The
     file gets the mode a plain open() would give it (0o666 less the umask): safetensors' save_file
-    creates owner-only files."""
+    creates owner-only files. lora/io.py has its own atomic_write: models/ knows nothing of lora/,
+    and `import lora` does not load models/ (DESIGN.md's one direction of dependency)."""
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(temporary)

@@ -65,13 +65,14 @@ Note [epilogue]
     barrier every thread sums the KSPLIT partials of one or more outputs, in warp order, adds the
     bias and stores the output rounded to x's dtype. Before run 121 the partials went to a scratch
     tensor in global memory (L2) and back through a Triton load and reduction: one more L2 round
-    trip and a second barrier per program, and a torch.empty per call. At M = 1 the shared sums were 11-27%
-    faster on every benchmark shape (4096 x 4096: 11.6 -> 8.5 us; 28672 x 8192: 71.1 -> 62.0); at
-    M = 16 they were 1-2% faster on three shapes and 6% slower on two (4096 x 4096, 4096 x 14336),
-    with the same loop SASS and fewer registers (not explained), so M > 8 times both epilogues.
-    kernels/nf4_mma_t.py sums its warps the same way (run 127: 1-8% faster than its scratch). Tried
+    trip and a second barrier per program, and a torch.empty per call. At M = 1 the shared sums
+    were 13-27% faster on every benchmark shape (4096 x 4096: 11.6 -> 8.5 us; 28672 x 8192: 71.1 ->
+    62.0); at M = 16 they were 1-2% faster on three shapes and 6% slower on two (4096 x 4096,
+    4096 x 14336), with the same loop SASS and fewer registers (not explained), so M > 8 times both
+    epilogues.
+    kernels/nf4_mma_t.py sums its warps the same way (run 127: 1-7% faster than its scratch). Tried
     with it, not kept: an L1 prefetch of the next iteration's x (prefetch.global.L1 by each quad)
-    at M = 16, 1-25% slower with either epilogue.
+    at M = 16, 3-26% slower with either epilogue.
 
 Note [row tiles]
     Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
@@ -646,7 +647,7 @@ class MmaConfig(NamedTuple):
 # ahead only won with one row tile and 8 warps (runs 66-68, benchmarks/RESULTS.md).
 _LOOPS = [MmaConfig(ksplit, unroll, row_tiles) for row_tiles in (1, 2) for ksplit in (2, 4, 8, 16) for unroll in (2, 4)]
 _LOOPS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
-# Sums in shared memory won at M = 1 on every shape, by 11-27%; at M = 16 either epilogue won on some
+# Sums in shared memory won at M = 1 on every shape, by 13-27%; at M = 16 either epilogue won on some
 # shapes, by up to 6% (run 121, benchmarks/RESULTS.md), so M > 8 times both.
 MMA_CONFIGS_M8 = _LOOPS
 MMA_CONFIGS = _LOOPS + [config._replace(shared_sums=False) for config in _LOOPS]

@@ -20,8 +20,9 @@ statistics, or as the bf16 weight; same timing) and the ceiling they set: torch'
 at M = 16, are left out, so the bound is a little loose).
 At M <= 16 a call's host time can exceed what do_bench's L2 clearing hides, and the table then
 times the host (our dispatch took ~80 us per call on the lent H100 machine in run 106 of
-benchmarks/RESULTS.md, and was host-bound there; 41 us since the direct launch, run 111, against
-torch's 22): --graphed replays the calls from a CUDA graph and times the GPU alone.
+benchmarks/RESULTS.md, and was host-bound there; 41 us since the direct launch, run 111, and 31.5
+without the scratch tensor, run 124, against torch's 17-22): --graphed replays the calls from a CUDA
+graph and times the GPU alone.
 --check compares every output with the fp64 product (and dequantization with the reference, bit
 for bit) before timing. The markdown tables go to stdout and, when OUT is set, $OUT/nf4_matmul.md.
 """

@@ -3,7 +3,8 @@
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
-            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup])
+            A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup]),
+                                                                           a share from a table (Note [pair table])
             tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
             acc    += tmp * scale[row, block]                               float32, per row and block
         partial sums of the warps -> shared memory, a barrier, summed, (+ bias), stored as x's dtype
@@ -17,7 +18,8 @@ kernels/nf4_gemv.py (lookup, one FFMA per weight, x converted per row, x and the
 shared memory). In an iteration the warp's next words are already loading (Note [fetch ahead])
 and a quad shares its scale decodes (Note [shared scales]). A warp may cover two 16-row tiles
 with the same x fragments (Note [row tiles]), and the warps' sums meet in shared memory (Note
-[epilogue]).
+[epilogue]). At M <= 8 some configs look up a share of the words in a byte -> pair table in shared
+memory instead, to take work off the ALU pipe that the permutes saturate (Note [pair table]).
 
 Note [fetch ahead]
     In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
@@ -40,11 +42,9 @@ Note [what limits it]
     loop's ALU work 4x (3.5 -> 2.3 instructions per weight) but then the L1/shared pipe saturates
     (the MIO queue stalls 34% of cycles: 4 table loads per word, and the W loads, which touch 8
     rows each): 77 against 72 us; taking half the rows from each lookup: 76 us, L1 75% busy.
-    Runs 114-119 sent only a share of each group's words through that table (written by all of a
-    program's threads before the loop) and the rest through the permutes: timed alone, up to 13%
-    faster at M = 1 (nothing at M = 16), but graphed 1B decoding became 1.3x slower with those
-    configs chosen (4.44-4.61 against 3.33-3.50 ms/token, one process). The cause was not found
-    (the program's 32 KB of shared memory is the suspect). Not kept (benchmarks/RESULTS.md).
+    So only a share of the words takes that table (Note [pair table]). H200, run 130 (28672 x 8192,
+    M = 1, without the table): ALU pipe 79% busy, "math pipe throttle" the first stall reason, L1
+    wavefronts 56%, DRAM 33%: the lookup's ALU work is still the limit there.
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g
@@ -96,6 +96,27 @@ Note [pair lookup]
     other 20 on the ALU pipe). The values are the code rounded to
     bfloat16 (2^-9 relative; bitsandbytes rounds the dequantized weight to bfloat16 as well).
 
+Note [pair table]
+    The same pairs from a table in shared memory: per byte value b, the pair (code[b >> 4],
+    code[b & 15]), once per lane (entry (b, lane) at byte 128 b + 4 lane: a warp's 32 loads hit 32
+    banks whatever the bytes; 32 KB per program, written by all its threads from the permute lookup
+    before the loop). A word's 4 pairs then cost 3 byte permutes and a shift (ALU pipe), 4 address
+    multiply-adds (FMA pipe) and 4 shared loads (MIO), against ~20 ALU instructions. Only the first
+    TABLE_QUARTERS / 4 of a row tile's 2 VEC words per group take the table, so the two pipes share
+    the lookups (all of them saturated the MIO pipe, runs 43-45). At M = 1 the best config with 3/4
+    or 4/4 of the words from the table beat the best without, timed alone: H100, run 115 (before the
+    shared sums), up to 13% (4096 x 14336 23.4 -> 20.7 us); H200, run 131, by 1-18% on the five
+    benchmark shapes (8192 x 8192 22.0 -> 18.6, 4096 x 14336 19.2 -> 16.8, 28672 x 8192 60.5 -> 58.1)
+    and -5% to +10% on Llama-3.2-1B's. At M = 16, where x's fragments add MIO loads, it won nowhere
+    (run 115), so only M <= 8 times the table configs. In a decoding step (run 133, H200, GPU time
+    of back-to-back replays of the captured step, three alternations): 1B 2.84-2.85 against
+    2.88-2.90 ms, 8B 7.33-7.41 against 7.54. (The eleventh session measured graphed decoding 1.3x
+    slower with the table, by wall time per generated token, which includes the host's work for
+    every token; that measure spread over 2.3-4.5 ms/token for one config in run 132, so it is no
+    longer used to judge a kernel.) With the shared sums the table must leave room for the
+    partials: KSPLIT x 8 M_TILES x ROWS words + 32 KB within the 48 KB of static shared memory
+    (shared_bytes; every timed config fits).
+
 Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
 take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
 compiled for sm_90 in CI and checked against the reference on the GPU.
@@ -111,7 +132,8 @@ from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
-__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8", "untimed_config"]
+__all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8",
+           "MMA_TABLE_CONFIGS", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX"]
 
 MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
 
@@ -185,6 +207,63 @@ def _pairs(word, p0, p1, p2, p3, p4, p5, p6, p7):
     """The 8 codes of a word as 4 registers of 16-bit pairs (elements (0, 1), (2, 3), (4, 5), (6, 7))."""
     return tl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                      [word, p0, p1, p2, p3, p4, p5, p6, p7],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _table_base(anything):
+    """The shared-window address of the pair table (declared once per kernel: this must be called
+    once); `anything` is an unused operand."""
+    return tl.inline_asm_elementwise(
+        """{
+        .shared .align 16 .b32 nf4_pair_table[8192];
+        mov.u32 $0, nf4_pair_table;
+        }""", "=r,r", [anything], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _table_store(at, pair):
+    """The same pair into 4 lanes' copies at shared address `at` (16-aligned); returns a dummy."""
+    return tl.inline_asm_elementwise(
+        """{
+        st.shared.v4.b32 [$1], {$2, $2, $2, $2};
+        mov.b32 $0, 0;
+        }""", "=r,r,r", [at, pair], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fill_table(base, tid, planes, THREADS: tl.constexpr):
+    """Every thread of the program writes its share of the table's 2048 16-byte chunks (chunk c:
+    byte c >> 3, lanes 4 (c & 7) .. + 3), then the program waits for all of them."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = planes
+    for j in range(2048 // THREADS):
+        chunk = tid + j * THREADS
+        pair, _, _, _ = _pairs((chunk >> 3) * 0x01010101, p0, p1, p2, p3, p4, p5, p6, p7)
+        _table_store(base + chunk * 16, pair)
+    tl.debug_barrier()
+
+
+_TABLE_ASM = tl.constexpr("""{
+    .reg .b32 b0, b1, b2, b3;
+    prmt.b32 b0, $4, 0, 0x4440;
+    prmt.b32 b1, $4, 0, 0x4441;
+    prmt.b32 b2, $4, 0, 0x4442;
+    shr.u32 b3, $4, 24;
+    mad.lo.u32 b0, b0, 128, $5;
+    mad.lo.u32 b1, b1, 128, $5;
+    mad.lo.u32 b2, b2, 128, $5;
+    mad.lo.u32 b3, b3, 128, $5;
+    ld.shared.b32 $0, [b0];
+    ld.shared.b32 $1, [b1];
+    ld.shared.b32 $2, [b2];
+    ld.shared.b32 $3, [b3];
+}""")
+
+
+@triton.jit
+def _table_pairs(word, lane_table):
+    """_pairs through the shared table (Note [pair table]); lane_table = table address + 4 lane."""
+    return tl.inline_asm_elementwise(_TABLE_ASM, "=r,=r,=r,=r,r,r", [word, lane_table],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -343,8 +422,8 @@ def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES:
 
 
 @triton.jit
-def _group(acc, words, x_at, x8_at, scales, planes, VEC: tl.constexpr, M_TILES: tl.constexpr,
-           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr):
+def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
+           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
     """acc (per row tile, 8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words
     (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_at and x8_at
     the byte addresses of this lane's x in rows g and g + 8 of x (the second with M_TILES 2). Every
@@ -363,8 +442,14 @@ def _group(acc, words, x_at, x8_at, scales, planes, VEC: tl.constexpr, M_TILES: 
         t0, t1, t2, t3 = z, z, z, z
         u0, u1, u2, u3 = z, z, z, z
         for v in tl.static_range(VEC):
-            a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
-            b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            if 2 * v < TABLE_WORDS:  # Note [pair table]
+                a01, a23, a45, a67 = _table_pairs(wg[v], lane_table)
+            else:
+                a01, a23, a45, a67 = _pairs(wg[v], p0, p1, p2, p3, p4, p5, p6, p7)
+            if 2 * v + 1 < TABLE_WORDS:
+                b01, b23, b45, b67 = _table_pairs(wg8[v], lane_table)
+            else:
+                b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
             t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
             t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
             if M_TILES == 2:
@@ -386,8 +471,8 @@ def _group(acc, words, x_at, x8_at, scales, planes, VEC: tl.constexpr, M_TILES: 
 
 @triton.jit
 def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
-               VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr):
+               lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
     rows g and g + 8) and takes the others from its quad (Note [shared scales])."""
     X_BYTES: tl.constexpr = 64 * VEC
@@ -402,8 +487,8 @@ def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, ne
         shared = ()
         for r in tl.static_range(ROW_TILES):
             shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
-        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, VEC, M_TILES, FLOAT16,
-                     ROW_TILES)
+        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, lane_table, VEC,
+                     M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS)
     return acc
 
 
@@ -434,14 +519,33 @@ def _fetch_at(j, w_ats, row_blocks, first, absmax_ptr, VEC: tl.constexpr, UNROLL
 
 
 @triton.jit
+def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: tl.constexpr, UNROLL: tl.constexpr,
+                 ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """_fetch_at(j, ...) where `valid`; elsewhere the same loads from safe_ptr (16-aligned, at least
+    UNROLL 16 VEC bytes) and absmax_ptr, whose values are dropped (Note [first loads])."""
+    w_at = _advance(w_ats, j * (UNROLL * 16 * VEC), ROW_TILES)
+    entry_at = _advance(_blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), absmax_ptr, ROW_TILES)
+    safe = safe_ptr.to(tl.int64)
+    w_safe = ()
+    entry_safe = ()
+    for r in tl.static_range(ROW_TILES):
+        w_safe = w_safe + ((tl.where(valid, w_at[r][0], safe), tl.where(valid, w_at[r][1], safe)),)
+        entry_safe = entry_safe + ((tl.where(valid, entry_at[r][0], absmax_ptr),
+                                    tl.where(valid, entry_at[r][1], absmax_ptr)),)
+    return _fetch(w_safe, entry_safe, VEC, UNROLL, ROW_TILES)
+
+
+@triton.jit
 def _iteration_at(acc, fetched, j, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                  planes, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-                  DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
+                  planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
+                  FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  TABLE_WORDS: tl.constexpr):
     """_iteration on the loads of iteration j (x_at, x8_at: this lane's x addresses in iteration 0)."""
     step = j * (UNROLL * 64 * VEC)
     return _iteration(acc, fetched, x_at + step, x8_at + step,
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
-                      nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+                      nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
+                      ROW_TILES, TABLE_WORDS)
 
 
 @triton.jit
@@ -469,7 +573,7 @@ def _mma_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
-    SHARED_SUMS: tl.constexpr,
+    SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
@@ -481,6 +585,12 @@ def _mma_gemv_kernel(
     g = lane >> 2
     t = lane & 3
     planes = _lane_planes(code_planes_ptr, lane, FLOAT16)
+    TABLE_WORDS: tl.constexpr = TABLE_QUARTERS * 2 * VEC // 4  # of a row tile's 2 VEC words per group
+    if TABLE_WORDS > 0:
+        table = _table_base(tile)  # written below, after the first loads (Note [first loads])
+        lane_table = table + 4 * lane
+    else:
+        lane_table = lane
     shift = _shift(offset, DOUBLE_QUANT, OFFSET_IS_POINTER)
     n_groups = K // GROUP
     per_warp = tl.cdiv(n_groups, KSPLIT)
@@ -516,35 +626,45 @@ def _mma_gemv_kernel(
     # Note [fetch ahead]: each iteration issues the loads of the iteration DEPTH ahead before its own
     # math, so a warp keeps its loads in flight while it computes; the last DEPTH are peeled off.
     n_iter = count // UNROLL
+    # Note [first loads]: the first iteration's loads (the first two with DEPTH 2) are issued before the
+    # pair table is written, so that their latency overlaps the table's; a warp with no whole
+    # iteration loads from safe places instead and never uses the values. H100, run 117, best
+    # configs with the table at M = 1: 2-5% faster on four shapes (4096 x 14336 20.7 -> 20.1 us,
+    # 8192 x 8192 23.0 -> 21.8), the same on 14336 x 4096; the others unchanged (outputs bit-identical).
+    first = group + mine
     if DEPTH == 2:
-        first = group + mine
+        current = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
+                               ROW_TILES, BLOCKSIZE)
+        following = _fetch_first(tl.maximum(tl.minimum(1, n_iter - 1), 0), w_ats, row_blocks, first, absmax_ptr,
+                                 code_planes_ptr, n_iter > 0, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+    else:
+        fetched = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
+                               ROW_TILES, BLOCKSIZE)
+    if TABLE_WORDS > 0:
+        _fill_table(table, warp * 32 + lane, planes, 32 * KSPLIT)
+    if DEPTH == 2:
         if n_iter > 0:
-            current = _fetch_at(0, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
-            following = _fetch_at(tl.minimum(1, n_iter - 1), w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL,
-                                  ROW_TILES, BLOCKSIZE)
             for i in range(n_iter - 2):
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
                 acc = _iteration_at(acc, current, i, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
-                                    nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
-                                    ROW_TILES, BLOCKSIZE)
+                                    nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
+                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
                 current = following
                 following = ahead
             if n_iter >= 2:
                 acc = _iteration_at(acc, current, n_iter - 2, x_at, x8_at, row_blocks, first, sources,
-                                    nested_absmax_ptr, nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16,
-                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE)
+                                    nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
+                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
                 current = following
             acc = _iteration_at(acc, current, n_iter - 1, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
-                                nested_code_ptr, shift, planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
-                                BLOCKSIZE)
+                                nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
+                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
         w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
         x_at += n_iter * (UNROLL * X_BYTES)
         x8_at += n_iter * (UNROLL * X_BYTES)
         group += n_iter * UNROLL
     elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
-        block = (group + mine) * GROUP // BLOCKSIZE
-        blocks = _advance(row_blocks, block, ROW_TILES)
-        fetched = _fetch(w_ats, _advance(blocks, absmax_ptr, ROW_TILES), VEC, UNROLL, ROW_TILES)
+        blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
         for _ in range(n_iter - 1):
             current = fetched
             next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
@@ -552,14 +672,14 @@ def _mma_gemv_kernel(
             fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
                              VEC, UNROLL, ROW_TILES)
             acc = _iteration(acc, current, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                             planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+                             planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_at += UNROLL * X_BYTES
             x8_at += UNROLL * X_BYTES
             group += UNROLL
             blocks = next_blocks
         acc = _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                         planes, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES)
+                         planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
         w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
         x_at += UNROLL * X_BYTES
         x8_at += UNROLL * X_BYTES
@@ -575,7 +695,8 @@ def _mma_gemv_kernel(
                                        nested_code_ptr, shift, DOUBLE_QUANT),
                                 _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
                                        nested_code_ptr, shift, DOUBLE_QUANT)),)
-        acc = _group(acc, words, x_at, x8_at, scales, planes, VEC, M_TILES, FLOAT16, ROW_TILES)
+        acc = _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
+                     TABLE_WORDS)
         w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
         x_at += X_BYTES
         x8_at += X_BYTES
@@ -641,6 +762,7 @@ class MmaConfig(NamedTuple):
     row_tiles: int          # 16-row tiles of W per warp (Note [row tiles])
     depth: int = 1          # iterations from a load to its use (Note [fetch ahead])
     shared_sums: bool = True  # the warps' sums meet in shared memory, else in global scratch (Note [epilogue])
+    table: int = 0          # quarters of a group's words looked up in the shared table (Note [pair table])
 
 
 # One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
@@ -651,6 +773,22 @@ _LOOPS += [MmaConfig(8, unroll, 1, depth=2) for unroll in (2, 4)]
 # shapes, by up to 6% (run 121, benchmarks/RESULTS.md), so M > 8 times both.
 MMA_CONFIGS_M8 = _LOOPS
 MMA_CONFIGS = _LOOPS + [config._replace(shared_sums=False) for config in _LOOPS]
+# Also timed for M <= 8 (Note [pair table]): every winner of run 115 with the table is among these.
+MMA_TABLE_CONFIGS = [MmaConfig(ksplit, 4, row_tiles, table=table) for row_tiles in (1, 2) for ksplit in (4, 8)
+                     for table in (3, 4)]
+MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 4)]
+
+STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically (more must be dynamic)
+
+
+def shared_bytes(config: MmaConfig, m: int) -> int:
+    """Static shared memory of a launch: the pair table (Note [pair table]) and the partial sums
+    (Note [epilogue]), each rounded as the kernel declares it."""
+    table = 32 * 1024 if config.table else 0
+    words = config.ksplit * (8 if m <= 8 else 16) * 16 * config.row_tiles
+    return table + (4 * max(256, words) if config.shared_sums else 0)
+
+
 _CHOSEN: dict[tuple, MmaConfig] = {}
 _MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
@@ -664,7 +802,7 @@ def untimed_config(n_rows: int) -> MmaConfig:
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
-    ksplit, unroll, row_tiles, depth, shared_sums = config
+    ksplit, unroll, row_tiles, depth, shared_sums, table = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = 1 if m <= 8 else 2
     programs = triton.cdiv(n, 16 * row_tiles)
@@ -676,22 +814,27 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # SHARED_SUMS
+        # SHARED_SUMS, TABLE_QUARTERS
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums), num_warps=ksplit)
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table), num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
              config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS (MMA_CONFIGS_M8 for M <= 8) once per shape
-    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest; untimed_config with
-    KERNELS_TUNE=0."""
+    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS (MMA_CONFIGS_M8 and MMA_TABLE_CONFIGS for
+    M <= 8) once per shape (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest;
+    untimed_config with KERNELS_TUNE=0."""
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        configs = MMA_CONFIGS if x2d.shape[0] > 8 else MMA_CONFIGS_M8
+        configs = MMA_CONFIGS if x2d.shape[0] > 8 else MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
         config = choose_config(_CHOSEN, key, lambda: configs, lambda: untimed_config(weight.n_rows),
                                lambda c: _launch(x2d, weight, bias, out, c))
+    elif shared_bytes(config, x2d.shape[0]) > STATIC_SHARED_MAX:
+        raise ValueError(f"nf4_mma: {config} at M = {x2d.shape[0]} needs {shared_bytes(config, x2d.shape[0])} bytes "
+                         f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "
+                         f"shared_sums=False")
     _launch(x2d, weight, bias, out, config)
     return out
+

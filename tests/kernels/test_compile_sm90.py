@@ -95,18 +95,19 @@ def _compile_all() -> list[dict]:
                     nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
                     code_planes_ptr=torch.int32, bias_ptr=torch.bfloat16, scratch_ptr=torch.float32,
                     out_ptr=torch.bfloat16, M=16, N=4096, K=4096, stride_xm=4096, stride_om=4096)
-    for blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums in (
-            (64, 1, 2, False, True, 1, True), (64, 2, 4, False, True, 1, False), (32, 2, 2, True, True, 2, True),
-            (256, 1, 4, False, False, 1, True), (64, 1, 4, False, True, 2, False)):
+    for blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums, table in (
+            (64, 1, 2, False, True, 1, True, 0), (64, 2, 4, False, True, 1, False, 2),
+            (32, 2, 2, True, True, 2, True, 4), (256, 1, 4, False, False, 1, True, 1),
+            (64, 1, 4, False, True, 2, False, 3)):
         dtype = torch.float16 if float16 else torch.bfloat16
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
                           HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll,
                           ROW_TILES=1 + (blocksize == 64 and m_tiles == 2), DEPTH=depth,
-                          SHARED_SUMS=shared_sums)
+                          SHARED_SUMS=shared_sums, TABLE_QUARTERS=table)
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
         run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} ROW_TILES={constexprs['ROW_TILES']} "
-            f"DEPTH={depth} SHARED_SUMS={shared_sums} {dtype}", nf4_mma._mma_gemv_kernel,
+            f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} {dtype}", nf4_mma._mma_gemv_kernel,
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))

@@ -42,6 +42,21 @@ def test_untimed_config_aims_at_about_4096_warps(n_rows, warps):
     assert nf4_mma.untimed_config(n_rows) in nf4_mma.MMA_CONFIGS
 
 
+def test_every_timed_config_fits_the_static_shared_memory():
+    for m, configs in ((1, nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS), (16, nf4_mma.MMA_CONFIGS)):
+        for config in configs:
+            assert nf4_mma.shared_bytes(config, m) <= nf4_mma.STATIC_SHARED_MAX, (config, m)
+    assert nf4_mma.shared_bytes(nf4_mma.MmaConfig(16, 2, 2, table=4), 16) == 32 * 1024 + 4 * 16 * 16 * 32
+
+
+def test_a_config_over_the_shared_memory_is_refused_by_name():
+    weight = kernels.prepare(*random_nf4(64, 256))
+    x = torch.zeros(16, 256, dtype=torch.bfloat16)
+    config = nf4_mma.MmaConfig(16, 2, 2, table=4)
+    with pytest.raises(ValueError, match=r"table=4.* at M = 16 needs 65536 bytes .* shared_sums=False"):
+        nf4_mma.mma_gemv(x, weight, None, torch.empty(16, 64, dtype=torch.bfloat16), config)
+
+
 def test_matmul_nf4_mma_says_what_it_needs():
     packed, state = random_nf4(32, 128)
     x = torch.randn(1, 128, dtype=torch.float16)
@@ -60,8 +75,8 @@ def test_matmul_nf4_keeps_the_interpreter_on_the_triton_gemv():
 
 
 def _run_ptx(asm: str, inputs: dict[str, np.ndarray], shared: dict[int, int] | None = None) -> dict[str, np.ndarray]:
-    """Run the straight-line b32 PTX of a lookup (and, shr, shl, prmt, lop3, ld.shared from the
-    32-bit words of `shared` by byte address) on uint32 arrays; registers are `$n` or names,
+    """Run the straight-line b32 PTX of a lookup (and, shr, shl, mad.lo, prmt, lop3, ld.shared from
+    the 32-bit words of `shared` by byte address) on uint32 arrays; registers are `$n` or names,
     immediates are hex or decimal."""
     regs = dict(inputs)
 
@@ -74,7 +89,7 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray], shared: dict[int, int] | N
             continue
         op, args = line.split(None, 1)
         dst, *src = [a.strip() for a in args.split(",")]
-        if op == "ld.shared.f32":  # dst, [address register]
+        if op in ("ld.shared.f32", "ld.shared.b32"):  # dst, [address register]
             addresses = regs[src[0].strip("[]")]
             regs[dst] = np.array([shared[int(at)] for at in np.ravel(addresses)], dtype=np.uint64)
             continue
@@ -85,6 +100,8 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray], shared: dict[int, int] | N
             out = a >> b
         elif op == "shl.b32":
             out = (a << b) & 0xFFFFFFFF
+        elif op == "mad.lo.u32":
+            out = (a * b + c) & 0xFFFFFFFF
         elif op == "lop3.b32":
             lut = int(src[3], 0)
             out = np.zeros_like(a + b + c)
@@ -121,6 +138,29 @@ def test_pair_lookup_ptx_gives_each_byte_its_two_codes_in_order(float16):
         byte = (words >> (8 * pair)) & 0xFF
         want = table[(byte >> 4).astype(np.int64)] | (table[(byte & 0xF).astype(np.int64)] << 16)
         np.testing.assert_array_equal(regs[f"${pair}"], want)
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_pair_table_ptx_matches_the_permutes_for_every_lane(float16):
+    """Note [pair table]: the table as the kernel fills it (entry (b, lane) at 128 b + 4 lane: the
+    permute lookup's first pair of the word b b b b) and the table lookup of words from any lane."""
+    rows = slice(0, 8) if float16 else slice(16, 24)
+    planes = kernels.prepare(*random_nf4(8, 64)).code_planes[rows, 0]
+    plane_inputs = {f"${5 + i}": int(planes[i]) & 0xFFFFFFFF for i in range(8)}
+    fill_words = np.arange(256, dtype=np.uint64) * 0x01010101
+    pairs = _run_ptx(nf4_mma._PAIR_ASM.value, {"$4": fill_words, **{k: np.full_like(fill_words, v)
+                                                                     for k, v in plane_inputs.items()}})["$0"]
+    base = 0x2400  # any 16-aligned shared address
+    shared = {base + 128 * b + 4 * lane: int(pairs[b]) for b in range(256) for lane in range(32)}
+    rng = np.random.default_rng(1)
+    words = np.concatenate([rng.integers(0, 2 ** 32, 4000, dtype=np.uint64),
+                            np.array([0, 0xFFFFFFFF, 0x01234567, 0xFEDCBA98], dtype=np.uint64)])
+    lanes = rng.integers(0, 32, words.size, dtype=np.uint64)
+    got = _run_ptx(nf4_mma._TABLE_ASM.value, {"$4": words, "$5": base + 4 * lanes}, shared)
+    want = _run_ptx(nf4_mma._PAIR_ASM.value, {"$4": words, **{k: np.full_like(words, v)
+                                                               for k, v in plane_inputs.items()}})
+    for pair in range(4):
+        np.testing.assert_array_equal(got[f"${pair}"], want[f"${pair}"])
 
 
 @pytest.mark.parametrize("blocksize,n_rows,n_cols,address,fits", [

@@ -34,10 +34,22 @@ def test_bf16_shapes_and_rows(n_rows, n_cols, m):
 
 
 @pytest.mark.parametrize("config,m", [(config, m) for config in nf4_mma.MMA_CONFIGS_M8 for m in (5, 12)]
-                         + [(config, 12) for config in nf4_mma.MMA_CONFIGS if config not in nf4_mma.MMA_CONFIGS_M8])
+                         + [(config, 12) for config in nf4_mma.MMA_CONFIGS if config not in nf4_mma.MMA_CONFIGS_M8]
+                         + [(config, m) for config in nf4_mma.MMA_TABLE_CONFIGS for m in (1, 5)])
 @pytest.mark.parametrize("n_cols,blocksize", [(4160, 64), (1088, 32), (5120, 1024)])
 def test_every_config(config, m, n_cols, blocksize):
     _run(1000, n_cols, blocksize, m, config=config)  # uneven parts of K, remainder loops, many groups per block
+
+
+@pytest.mark.parametrize("table", [1, 2, 3, 4])
+@pytest.mark.parametrize("ksplit", [2, 16])
+def test_pair_table_at_every_share_with_two_x_tiles_float16_and_plain_scales(table, ksplit):
+    """Note [pair table] outside the timed configs: 16 rows of x, float16 planes, no double quant."""
+    config = nf4_mma.MmaConfig(ksplit, 2, 2, table=table, shared_sums=ksplit < 16)  # 16: over 48 KB with the sums
+    _run(555, 2560, 64, 16, config=config)
+    _run(555, 2560, 256, 3, dtype=torch.float16, double_quant=False, config=config)
+    _run(100, 1024, 32, 9, dtype=torch.float16, config=config)
+    _run(100, 1024, 64, 1, config=config._replace(shared_sums=False))
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024])

@@ -99,8 +99,8 @@ Note [pair lookup]
 Note [pair table]
     The same pairs from a table in shared memory: per byte value b, the pair (code[b >> 4],
     code[b & 15]), once per lane (entry (b, lane) at byte 128 b + 4 lane: a warp's 32 loads hit 32
-    banks whatever the bytes; 32 KB per program, written by all its threads from the permute lookup
-    before the loop). A word's 4 pairs then cost 3 byte permutes and a shift (ALU pipe), 4 address
+    banks whatever the bytes; 32 KB per program, written by all its warps from the permute lookup
+    before the loop, 16 words of 4 byte values per lane at KSPLIT 4). A word's 4 pairs then cost 3 byte permutes and a shift (ALU pipe), 4 address
     multiply-adds (FMA pipe) and 4 shared loads (MIO), against ~20 ALU instructions. Only the first
     TABLE_QUARTERS / 4 of a row tile's 2 VEC words per group take the table, so the two pipes share
     the lookups (all of them saturated the MIO pipe, runs 43-45). At M = 1 the best config with 3/4
@@ -115,7 +115,9 @@ Note [pair table]
     every token; that measure spread over 2.3-4.5 ms/token for one config in run 132, so it is no
     longer used to judge a kernel.) With the shared sums the table must leave room for the
     partials: KSPLIT x 8 M_TILES x ROWS words + 32 KB within the 48 KB of static shared memory
-    (shared_bytes; every timed config fits).
+    (shared_bytes; every timed config fits). The table was first filled one lookup per 16-byte
+    store (16 lookups per lane at KSPLIT 4); four pairs per lookup (run 136) left the loop alone and
+    made the best table configs 0-5% faster (28672 x 8192 58.1 -> 56.3 us, 14336 x 4096 18.7 -> 17.8).
 
 Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
 take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
@@ -232,14 +234,21 @@ def _table_store(at, pair):
 
 
 @triton.jit
-def _fill_table(base, tid, planes, THREADS: tl.constexpr):
-    """Every thread of the program writes its share of the table's 2048 16-byte chunks (chunk c:
-    byte c >> 3, lanes 4 (c & 7) .. + 3), then the program waits for all of them."""
+def _fill_table(base, lane, warp, planes, KSPLIT: tl.constexpr):
+    """The program's warps write the table, then wait for each other. A lane looks up one run of four
+    byte values (4 q .. 4 q + 3: pair k of _pairs is that of byte k) and stores each of its four pairs
+    into its 16 bytes of that value's 128 (the copies of lanes 4 c .. 4 c + 3, c = lane % 8): a warp
+    covers 4 runs per step, 16 steps in all, and the 8 lanes of a run fill all 32 banks."""
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
-    for j in range(2048 // THREADS):
-        chunk = tid + j * THREADS
-        pair, _, _, _ = _pairs((chunk >> 3) * 0x01010101, p0, p1, p2, p3, p4, p5, p6, p7)
-        _table_store(base + chunk * 16, pair)
+    chunk = lane & 7
+    for j in range(16 // KSPLIT):
+        first = 4 * (4 * (j * KSPLIT + warp) + (lane >> 3))  # the run's first byte value
+        pair0, pair1, pair2, pair3 = _pairs(first * 0x01010101 + 0x03020100, p0, p1, p2, p3, p4, p5, p6, p7)
+        at = base + first * 128 + chunk * 16
+        _table_store(at, pair0)
+        _table_store(at + 128, pair1)
+        _table_store(at + 256, pair2)
+        _table_store(at + 384, pair3)
     tl.debug_barrier()
 
 
@@ -641,7 +650,7 @@ def _mma_gemv_kernel(
         fetched = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
                                ROW_TILES, BLOCKSIZE)
     if TABLE_WORDS > 0:
-        _fill_table(table, warp * 32 + lane, planes, 32 * KSPLIT)
+        _fill_table(table, lane, warp, planes, KSPLIT)
     if DEPTH == 2:
         if n_iter > 0:
             for i in range(n_iter - 2):

@@ -142,16 +142,19 @@ def test_pair_lookup_ptx_gives_each_byte_its_two_codes_in_order(float16):
 
 @pytest.mark.parametrize("float16", [False, True])
 def test_pair_table_ptx_matches_the_permutes_for_every_lane(float16):
-    """Note [pair table]: the table as the kernel fills it (entry (b, lane) at 128 b + 4 lane: the
-    permute lookup's first pair of the word b b b b) and the table lookup of words from any lane."""
+    """Note [pair table]: the table as the kernel fills it (entry (b, lane) at 128 b + 4 lane: pair k of
+    the permute lookup of the run word (4 q, 4 q + 1, 4 q + 2, 4 q + 3) for b = 4 q + k) and the table
+    lookup of words from any lane."""
     rows = slice(0, 8) if float16 else slice(16, 24)
     planes = kernels.prepare(*random_nf4(8, 64)).code_planes[rows, 0]
     plane_inputs = {f"${5 + i}": int(planes[i]) & 0xFFFFFFFF for i in range(8)}
-    fill_words = np.arange(256, dtype=np.uint64) * 0x01010101
+    firsts = np.arange(0, 256, 4, dtype=np.uint64)
+    fill_words = firsts * 0x01010101 + 0x03020100
     pairs = _run_ptx(nf4_mma._PAIR_ASM.value, {"$4": fill_words, **{k: np.full_like(fill_words, v)
-                                                                     for k, v in plane_inputs.items()}})["$0"]
+                                                                     for k, v in plane_inputs.items()}})
     base = 0x2400  # any 16-aligned shared address
-    shared = {base + 128 * b + 4 * lane: int(pairs[b]) for b in range(256) for lane in range(32)}
+    shared = {base + 128 * (4 * q + k) + 4 * lane: int(pairs[f"${k}"][q])
+              for q in range(64) for k in range(4) for lane in range(32)}
     rng = np.random.default_rng(1)
     words = np.concatenate([rng.integers(0, 2 ** 32, 4000, dtype=np.uint64),
                             np.array([0, 0xFFFFFFFF, 0x01234567, 0xFEDCBA98], dtype=np.uint64)])

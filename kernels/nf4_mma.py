@@ -72,7 +72,8 @@ Note [epilogue]
     epilogues.
     kernels/nf4_mma_t.py sums its warps the same way (run 127: 1-7% faster than its scratch). Tried
     with it, not kept: an L1 prefetch of the next iteration's x (prefetch.global.L1 by each quad)
-    at M = 16, 3-26% slower with either epilogue.
+    at M = 16, 3-26% slower with either epilogue. Nor kept: only column 0 of the partials at M = 1
+    (2 KB instead of up to 16 KB; run 129, H200): the same times by graph replay and by do_bench.
 
 Note [row tiles]
     Each lane loads its x fragment (16 bytes per row of x and 8 weights of a row pair) from L1 or
@@ -84,7 +85,10 @@ Note [row tiles]
     M = 16: 95.2 -> 78.2 us; 8192 x 8192: 31.4 -> 26.2; M = 1 unchanged (71.2 / 71.3 and 25.7 /
     25.0) at best, though one tile alone became slower with this code (76.9 against 71.2 us, the
     same loop SASS; benchmarks/RESULTS.md run 58). Four tiles were slower (more registers, fewer
-    programs). One and two tiles are timed per shape.
+    programs). One and two tiles are timed per shape. x in fragment order (each 16-byte load of a
+    warp reading 512 contiguous bytes, half of x's L1 wavefronts) gained nothing at M = 16 (run 130,
+    H200, x reordered outside the timing), and one row of x read 16 times only 5-10%: x's traffic is
+    no longer most of what M = 16 costs over M = 1.
 
 Note [pair lookup]
     The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a

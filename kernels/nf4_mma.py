@@ -103,25 +103,27 @@ Note [pair lookup]
 Note [pair table]
     The same pairs from a table in shared memory: per byte value b, the pair (code[b >> 4],
     code[b & 15]), once per lane (entry (b, lane) at byte 128 b + 4 lane: a warp's 32 loads hit 32
-    banks whatever the bytes; 32 KB per program, written by all its warps from the permute lookup
-    before the loop, 16 words of 4 byte values per lane at KSPLIT 4). A word's 4 pairs then cost 3 byte permutes and a shift (ALU pipe), 4 address
-    multiply-adds (FMA pipe) and 4 shared loads (MIO), against ~20 ALU instructions. Only the first
-    TABLE_QUARTERS / 4 of a row tile's 2 VEC words per group take the table, so the two pipes share
-    the lookups (all of them saturated the MIO pipe, runs 43-45). At M = 1 the best config with 3/4
-    or 4/4 of the words from the table beat the best without, timed alone: H100, run 115 (before the
-    shared sums), up to 13% (4096 x 14336 23.4 -> 20.7 us); H200, run 131, by 1-18% on the five
-    benchmark shapes (8192 x 8192 22.0 -> 18.6, 4096 x 14336 19.2 -> 16.8, 28672 x 8192 60.5 -> 58.1)
-    and -5% to +10% on Llama-3.2-1B's. At M = 16, where x's fragments add MIO loads, it won nowhere
-    (run 115), so only M <= 8 times the table configs. In a decoding step (run 133, H200, GPU time
-    of back-to-back replays of the captured step, three alternations): 1B 2.84-2.85 against
-    2.88-2.90 ms, 8B 7.33-7.41 against 7.54. (The eleventh session measured graphed decoding 1.3x
-    slower with the table, by wall time per generated token, which includes the host's work for
-    every token; that measure spread over 2.3-4.5 ms/token for one config in run 132, so it is no
-    longer used to judge a kernel.) With the shared sums the table must leave room for the
-    partials: KSPLIT x 8 M_TILES x ROWS words + 32 KB within the 48 KB of static shared memory
-    (shared_bytes; every timed config fits). The table was first filled one lookup per 16-byte
-    store (16 lookups per lane at KSPLIT 4); four pairs per lookup (run 136) left the loop alone and
-    made the best table configs 0-5% faster (28672 x 8192 58.1 -> 56.3 us, 14336 x 4096 18.7 -> 17.8).
+    banks whatever the bytes; 32 KB per program). The program's warps write it from the permute
+    lookup before the loop, after issuing their first loads (Note [first loads]): one lookup gives
+    the pairs of 4 byte values, 4 lookups per lane at KSPLIT 4. A word's 4 pairs then cost 3 byte
+    permutes and a shift (ALU pipe), 4 address multiply-adds (FMA pipe) and 4 shared loads (MIO),
+    against ~20 ALU instructions. Only the first TABLE_QUARTERS / 4 of a row tile's 2 VEC words per
+    group take the table, so the two pipes share the lookups (all of them saturated the MIO pipe,
+    runs 43-45). In the loop SASS (sm_90, M = 1, 4 warps, 4 groups per iteration) 3/4 of the words
+    through the table cut the ALU-pipe instructions from 354 to 157 per 16 words, the loop from 453
+    to 343 instructions.
+    Timed alone at M = 1, the best config with 3/4 or 4/4 of the words from the table beat the best
+    without: H100, run 115 (before the shared sums), by up to 13% (4096 x 14336 23.4 -> 20.7 us);
+    H200, runs 131 and 136, by 5-17% on the five benchmark shapes (8192 x 8192 21.9 -> 18.8,
+    4096 x 14336 19.2 -> 16.8, 28672 x 8192 60.5 -> 56.3) and by -5% to +9% on Llama-3.2-1B's. At
+    M = 16, where x's fragments add MIO loads, it won nowhere (run 115), so only M <= 8 times the
+    table configs. In a decoding step (H200, GPU time of back-to-back replays of the captured step,
+    runs 133 and 136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The
+    eleventh session had measured graphed decoding 1.3x slower with the table, by wall time per
+    generated token, which includes the host's work for every token; that measure spread over
+    2.3-4.5 ms/token for one config in run 132, so it no longer judges a kernel.
+    With the shared sums the table must leave room for the partials, KSPLIT x 8 M_TILES x ROWS
+    words, within 48 KB of static shared memory (shared_bytes; every timed config fits).
 
 Needs blocksize % 32 == 0 and K % blocksize == 0 (rows hold whole blocks), 16-bit x; others
 take kernels/nf4_gemv.py. The CPU interpreter cannot run it (PTX, per-lane semantics): it is
@@ -242,7 +244,9 @@ def _fill_table(base, lane, warp, planes, KSPLIT: tl.constexpr):
     """The program's warps write the table, then wait for each other. A lane looks up one run of four
     byte values (4 q .. 4 q + 3: pair k of _pairs is that of byte k) and stores each of its four pairs
     into its 16 bytes of that value's 128 (the copies of lanes 4 c .. 4 c + 3, c = lane % 8): a warp
-    covers 4 runs per step, 16 steps in all, and the 8 lanes of a run fill all 32 banks."""
+    covers 4 of the 64 runs per step (16 steps shared by the KSPLIT warps), and the 8 lanes of a run
+    fill all 32 banks."""
+    tl.static_assert(16 % KSPLIT == 0, "the pair table is filled by 1, 2, 4, 8 or 16 warps")
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
     chunk = lane & 7
     for j in range(16 // KSPLIT):

@@ -806,6 +806,11 @@ def shared_bytes(config: MmaConfig, m: int) -> int:
     return table + (4 * max(256, words) if config.shared_sums else 0)
 
 
+def _timed_configs(m: int) -> list[MmaConfig]:
+    """What mma_gemv times for M = m rows of x: built only when a shape is tuned, not per call."""
+    return MMA_CONFIGS if m > 8 else MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
+
+
 _CHOSEN: dict[tuple, MmaConfig] = {}
 _MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
@@ -845,9 +850,8 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
     if config is None:
         key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        configs = MMA_CONFIGS if x2d.shape[0] > 8 else MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
-        config = choose_config(_CHOSEN, key, lambda: configs, lambda: untimed_config(weight.n_rows),
-                               lambda c: _launch(x2d, weight, bias, out, c))
+        config = choose_config(_CHOSEN, key, lambda: _timed_configs(x2d.shape[0]),
+                               lambda: untimed_config(weight.n_rows), lambda c: _launch(x2d, weight, bias, out, c))
     elif shared_bytes(config, x2d.shape[0]) > STATIC_SHARED_MAX:
         raise ValueError(f"nf4_mma: {config} at M = {x2d.shape[0]} needs {shared_bytes(config, x2d.shape[0])} bytes "
                          f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "

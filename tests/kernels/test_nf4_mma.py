@@ -43,8 +43,10 @@ def test_untimed_config_aims_at_about_4096_warps(n_rows, warps):
 
 
 def test_every_timed_config_fits_the_static_shared_memory():
-    for m, configs in ((1, nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS), (16, nf4_mma.MMA_CONFIGS)):
-        for config in configs:
+    assert nf4_mma._timed_configs(8) == nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS
+    assert nf4_mma._timed_configs(9) == nf4_mma.MMA_CONFIGS
+    for m in (1, 16):
+        for config in nf4_mma._timed_configs(m):
             assert nf4_mma.shared_bytes(config, m) <= nf4_mma.STATIC_SHARED_MAX, (config, m)
     assert nf4_mma.shared_bytes(nf4_mma.MmaConfig(16, 2, 2, table=4), 16) == 32 * 1024 + 4 * 16 * 16 * 32
 

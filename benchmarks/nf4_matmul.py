@@ -155,9 +155,11 @@ def measure(runs: dict, operands, label: str, graphed: bool, dispatch_only: bool
     return times, {name: (times["torch"] / t if t else None) for name, t in times.items()}
 
 
-def rate_of(m: int, n_rows: int, n_cols: int, wbytes: int, us: float) -> str:
+def rate_of(m: int, n_rows: int, n_cols: int, wbytes: int, us: float | None) -> str:
     """GB/s of the bytes that must move (W, its statistics, the input and the output) at small M,
-    TFLOP/s above."""
+    TFLOP/s above; "-" when the call could not be timed (us None)."""
+    if us is None:
+        return "-"
     if m <= SMALL_PATH_MAX_ROWS:
         return f"{(wbytes + (m * n_cols + m * n_rows) * 2) / us / 1e3:.0f} GB/s"
     return f"{2 * m * n_rows * n_cols / us / 1e6:.0f} TFLOP/s"
@@ -253,8 +255,9 @@ def main() -> int:
             times, speedup = measure(runs, (x, w.T) if args.check else None, f"{n_rows}x{n_cols} M={m}", args.graphed,
                                      args.dispatch_only, failures)
             rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
-            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
-                    f"**{speedup['ours']:.2f}** | {fmt(speedup['gemv'], '.2f')} | {fmt(speedup['small'], '.2f')} | "
+            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {fmt(times['ours'])} | "
+                    f"**{fmt(speedup['ours'], '.2f')}** | {fmt(speedup['gemv'], '.2f')} | "
+                    f"{fmt(speedup['small'], '.2f')} | "
                     f"{fmt(speedup['fused'], '.2f')} | "
                     f"{fmt(speedup['dequant'], '.2f')} | {fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
@@ -277,8 +280,9 @@ def main() -> int:
             times, speedup = measure(runs, (g, w) if args.check else None, f"g@W {n_rows}x{n_cols} M={m}",
                                      args.graphed, args.dispatch_only, failures)
             rate = rate_of(m, n_rows, n_cols, wbytes, times["ours"])
-            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {times['ours']:.1f} | "
-                    f"**{speedup['ours']:.2f}** | {fmt(speedup['fused'], '.2f')} | {fmt(speedup['dequant'], '.2f')} | "
+            line = (f"| {n_rows} x {n_cols} | {m} | {times['torch']:.1f} | {fmt(times['ours'])} | "
+                    f"**{fmt(speedup['ours'], '.2f')}** | {fmt(speedup['fused'], '.2f')} | "
+                    f"{fmt(speedup['dequant'], '.2f')} | "
                     f"{fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             backward_rows.append(line)

@@ -25,7 +25,7 @@ measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchma
                          kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
     other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
 
-g @ W (the input gradient, M = rows of g): for M <= MMA_M_MAX the transposed streaming kernel of
+g @ W (the input gradient, M = rows of g): for M <= MMA_T_M_MAX the transposed streaming kernel of
 kernels/nf4_mma_t.py (bfloat16 g, blocksize and K multiples of 64, even N: mma_t_fits), otherwise
 up to SMALL_M_MAX the small-M tiles of the kernel above, then LARGE_M_STRATEGY_T.
 
@@ -79,7 +79,7 @@ from kernels.launch import Tuned, candidates
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
 from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
-from kernels.nf4_mma_t import MmaTConfig, mma_gemv_t, mma_t_fits
+from kernels.nf4_mma_t import MMA_T_M_MAX, MmaTConfig, mma_gemv_t, mma_t_fits
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 
 __all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
@@ -458,7 +458,7 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     m = math.prod(g.shape[:-1])
     if m <= SMALL_M_MAX:
         weight = nf4_weight(packed, state, g.device)
-        if 0 < m <= MMA_M_MAX and _mma_t_runs(g, weight):
+        if 0 < m <= MMA_T_M_MAX and _mma_t_runs(g, weight):
             g2d = _flat_input(g, weight.n_rows, "matmul_nf4_t", "out_features of the NF4 weight")
             return _mma_t_forward(g2d, weight, None).view(*g.shape[:-1], weight.n_cols)
         return matmul_nf4_t_small_m(g, packed, weight)
@@ -466,7 +466,7 @@ def matmul_nf4_t(g: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def matmul_nf4_t_mma(g: torch.Tensor, packed: torch.Tensor, state, config: MmaTConfig | None = None) -> torch.Tensor:
-    """g @ W on the tensor-core streaming kernel of kernels/nf4_mma_t.py: at most MMA_M_MAX rows of
+    """g @ W on the tensor-core streaming kernel of kernels/nf4_mma_t.py: at most MMA_T_M_MAX rows of
     bfloat16 g on CUDA, blocksize and K multiples of 64, even N. config: None times
     nf4_mma_t.MMA_T_CONFIGS once per shape and keeps the fastest."""
     weight = nf4_weight(packed, state, g.device)
@@ -475,8 +475,8 @@ def matmul_nf4_t_mma(g: torch.Tensor, packed: torch.Tensor, state, config: MmaTC
         raise ValueError(f"matmul_nf4_t_mma: needs bfloat16 g on CUDA (got {g.dtype} on {g.device}), blocksize and "
                          f"K multiples of 64 and even N (got blocksize {weight.blocksize}, N {weight.n_rows}, "
                          f"K {weight.n_cols}) and packed codes starting on 16 bytes")
-    if not 0 < g2d.shape[0] <= MMA_M_MAX:
-        raise ValueError(f"matmul_nf4_t_mma: takes 1 to {MMA_M_MAX} rows of g, got {g2d.shape[0]}")
+    if not 0 < g2d.shape[0] <= MMA_T_M_MAX:
+        raise ValueError(f"matmul_nf4_t_mma: takes 1 to {MMA_T_M_MAX} rows of g, got {g2d.shape[0]}")
     return _mma_t_forward(g2d, weight, config).view(*g.shape[:-1], weight.n_cols)
 
 

@@ -1,12 +1,13 @@
-"""Small-M NF4 matmul on the tensor cores: y = x @ W.T for M <= 16 rows of x (decode), W read once.
+"""Small-M NF4 matmul on the tensor cores: y = x @ W.T for M <= 64 rows of x (decode), W read once.
 
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
             A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup]),
                                                                            a share from a table (Note [pair table])
-            tmp     = sum over the group of mma.m16n8k16(A, x fragment)    no scale yet: one block
-            acc    += tmp * scale[row, block]                               float32, per row and block
+            for each 8 rows of x (Note [column tiles]):
+                tmp   = sum over the group of mma.m16n8k16(A, x fragment)  no scale yet: one block
+                acc  += tmp * scale[row, block]                             float32, per row and block
         partial sums of the warps -> shared memory, a barrier, summed, (+ bias), stored as x's dtype
 
 The kernel is written per thread: Triton scalars hold each lane's own values (the lane id comes
@@ -90,6 +91,20 @@ Note [row tiles]
     H200, x reordered outside the timing), and one row of x read 16 times only 5-10%: x's traffic is
     no longer most of what M = 16 costs over M = 1.
 
+Note [column tiles]
+    The mma's 8 columns are 8 rows of x (y.T = W @ x.T); M rows take column_tiles(M) = 1, 2, 4 or 8
+    tiles (M rounded up to 8, 16, 32, 64), each multiplying the same A fragments, so a word's lookup
+    is shared by all of them: at M = 64 a weight costs 1/64 of a lookup and 1/8 of an mma per row of
+    x. Each tile's x fragment is loaded where it is used (with one row tile), and its 4 accumulators
+    per row tile stay live: 8 tiles hold 32 per thread. ptxas spills above 16 groups x row tiles x
+    column tiles per iteration (sm_90 compiles: 8 tiles at 4 groups per iteration use 255 registers
+    and spill, at 2 groups 182), so _timed_configs keeps to that; the partial sums of 8 tiles (64
+    columns) fit in shared memory only up to 8 warps, and untimed_config falls back to scratch.
+    Above M = 16 the dispatch took W dequantized to bf16 and cuBLAS before, which writes the weight
+    in bf16 and reads it back: 0.46-0.65x of torch's bf16 product at M = 32 and 64 (H100, graph
+    replay, run 143), against 1.54-1.76x and 0.75-0.88x now (run 144; bitsandbytes 0.41-0.74x and
+    0.41-0.49x). At M = 64 each program still reads all 64 rows of x for its 16 rows of W.
+
 Note [pair lookup]
     The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a
     high-byte plane of 16 bytes, four registers each (NF4Weight.code_planes rows 16-23, 0-7). A
@@ -141,9 +156,9 @@ from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8",
-           "MMA_TABLE_CONFIGS", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX"]
+           "MMA_TABLE_CONFIGS", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX", "column_tiles"]
 
-MMA_M_MAX = 16  # rows of x: two m16n8k16 column tiles
+MMA_M_MAX = 64  # rows of x: up to 8 column tiles of 8 (Note [column tiles])
 
 
 def mma_fits(blocksize: int, n_cols: int, packed_address: int = 0) -> bool:
@@ -439,25 +454,22 @@ def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES:
 
 
 @triton.jit
-def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
+def _group(acc, words, x_ats, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
            FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
-    """acc (per row tile, 8 float32: C of column tiles 0 and 1) += scale * (one group's mmas): words
-    (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_at and x8_at
-    the byte addresses of this lane's x in rows g and g + 8 of x (the second with M_TILES 2). Every
-    row tile multiplies the same x fragments: Note [row tiles]."""
+    """acc (per row tile, 4 M_TILES float32: C of each column tile) += scale * (one group's mmas): words
+    (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_ats the byte
+    addresses of this lane's x in rows g, g + 8, .. of x (one per column tile). Every row tile
+    multiplies the same x fragments: Note [row tiles]."""
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
-    x = _x_group(x_at, VEC)
-    if M_TILES == 2:
-        x8 = _x_group(x8_at, VEC)
-    else:
-        x8 = x
+    xs = ()
+    if ROW_TILES > 1:  # loaded once for every row tile; with one, each where it is used
+        for j in tl.static_range(M_TILES):
+            xs = xs + (_x_group(x_ats[j], VEC),)
     new_acc = ()
     for r in tl.static_range(ROW_TILES):
         wg, wg8 = words[r]
         sg, sg8 = scales[r]
-        z = 0.0
-        t0, t1, t2, t3 = z, z, z, z
-        u0, u1, u2, u3 = z, z, z, z
+        pairs = ()
         for v in tl.static_range(VEC):
             if 2 * v < TABLE_WORDS:  # Note [pair table]
                 a01, a23, a45, a67 = _table_pairs(wg[v], lane_table)
@@ -467,27 +479,36 @@ def _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC: tl.constexp
                 b01, b23, b45, b67 = _table_pairs(wg8[v], lane_table)
             else:
                 b01, b23, b45, b67 = _pairs(wg8[v], p0, p1, p2, p3, p4, p5, p6, p7)
-            t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
-            t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
-            if M_TILES == 2:
-                u0, u1, u2, u3 = _mma(a01, b01, a23, b23, x8[4 * v], x8[4 * v + 1], u0, u1, u2, u3, FLOAT16)
-                u0, u1, u2, u3 = _mma(a45, b45, a67, b67, x8[4 * v + 2], x8[4 * v + 3], u0, u1, u2, u3, FLOAT16)
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
-        acc0 += t0 * sg
-        acc1 += t1 * sg
-        acc2 += t2 * sg8
-        acc3 += t3 * sg8
-        if M_TILES == 2:
-            acc4 += u0 * sg
-            acc5 += u1 * sg
-            acc6 += u2 * sg8
-            acc7 += u3 * sg8
-        new_acc = new_acc + ((acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7),)
+            pairs = pairs + ((a01, b01, a23, b23, a45, b45, a67, b67),)
+        sums = ()
+        for j in tl.static_range(M_TILES):
+            if ROW_TILES > 1:
+                x = xs[j]
+            else:
+                x = _x_group(x_ats[j], VEC)
+            z = 0.0
+            t0, t1, t2, t3 = z, z, z, z
+            for v in tl.static_range(VEC):
+                a01, b01, a23, b23, a45, b45, a67, b67 = pairs[v]
+                t0, t1, t2, t3 = _mma(a01, b01, a23, b23, x[4 * v], x[4 * v + 1], t0, t1, t2, t3, FLOAT16)
+                t0, t1, t2, t3 = _mma(a45, b45, a67, b67, x[4 * v + 2], x[4 * v + 3], t0, t1, t2, t3, FLOAT16)
+            sums = sums + (acc[r][4 * j] + t0 * sg, acc[r][4 * j + 1] + t1 * sg, acc[r][4 * j + 2] + t2 * sg8,
+                           acc[r][4 * j + 3] + t3 * sg8)
+        new_acc = new_acc + (sums,)
     return new_acc
 
 
 @triton.jit
-def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
+def _moved(addresses, step, COUNT: tl.constexpr):
+    """Each of COUNT addresses moved by `step`."""
+    moved = ()
+    for j in tl.static_range(COUNT):
+        moved = moved + (addresses[j] + step,)
+    return moved
+
+
+@triton.jit
+def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
                lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
                DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
@@ -504,8 +525,8 @@ def _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, ne
         shared = ()
         for r in tl.static_range(ROW_TILES):
             shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
-        acc = _group(acc, words[u], x_at + u * X_BYTES, x8_at + u * X_BYTES, shared, planes, lane_table, VEC,
-                     M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS)
+        acc = _group(acc, words[u], _moved(x_ats, u * X_BYTES, M_TILES), shared, planes, lane_table, VEC, M_TILES,
+                     FLOAT16, ROW_TILES, TABLE_WORDS)
     return acc
 
 
@@ -553,13 +574,12 @@ def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: 
 
 
 @triton.jit
-def _iteration_at(acc, fetched, j, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
+def _iteration_at(acc, fetched, j, x_ats, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
                   planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
                   FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   TABLE_WORDS: tl.constexpr):
-    """_iteration on the loads of iteration j (x_at, x8_at: this lane's x addresses in iteration 0)."""
-    step = j * (UNROLL * 64 * VEC)
-    return _iteration(acc, fetched, x_at + step, x8_at + step,
+    """_iteration on the loads of iteration j (x_ats: this lane's x addresses in iteration 0)."""
+    return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * 64 * VEC), M_TILES),
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
                       nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
                       ROW_TILES, TABLE_WORDS)
@@ -625,12 +645,14 @@ def _mma_gemv_kernel(
         w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
     # Lanes of columns g >= M read row M - 1 of x: columns of y that are never stored.
     x_lane = x_ptr.to(tl.int64) + group * X_BYTES + t * (16 * VEC)
-    x_at = x_lane + tl.minimum(g, M - 1).to(tl.int64) * stride_xm * 2
-    x8_at = x_lane + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm * 2
-    z = 0.0
+    x_ats = ()  # column tile j: row 8 j + g
+    zeros = ()
+    for j in tl.static_range(M_TILES):
+        x_ats = x_ats + (x_lane + tl.minimum(8 * j + g, M - 1).to(tl.int64) * stride_xm * 2,)
+        zeros = zeros + (0.0, 0.0, 0.0, 0.0)
     acc = ()
     for r in tl.static_range(ROW_TILES):
-        acc = acc + ((z, z, z, z, z, z, z, z),)
+        acc = acc + (zeros,)
     # Note [shared scales]: in an iteration, lane t of a quad decodes the scales of group t % UNROLL
     # (rows g and g + 8, the same for the whole quad) and the quad shuffles them: two double-quant
     # decodes per lane, row tile and iteration instead of 2 UNROLL.
@@ -663,22 +685,21 @@ def _mma_gemv_kernel(
         if n_iter > 0:
             for i in range(n_iter - 2):
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
-                acc = _iteration_at(acc, current, i, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
+                acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                     nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
                                     DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
                 current = following
                 following = ahead
             if n_iter >= 2:
-                acc = _iteration_at(acc, current, n_iter - 2, x_at, x8_at, row_blocks, first, sources,
+                acc = _iteration_at(acc, current, n_iter - 2, x_ats, row_blocks, first, sources,
                                     nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
                                     FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
                 current = following
-            acc = _iteration_at(acc, current, n_iter - 1, x_at, x8_at, row_blocks, first, sources, nested_absmax_ptr,
+            acc = _iteration_at(acc, current, n_iter - 1, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                 nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
                                 DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
         w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
-        x_at += n_iter * (UNROLL * X_BYTES)
-        x8_at += n_iter * (UNROLL * X_BYTES)
+        x_ats = _moved(x_ats, n_iter * (UNROLL * X_BYTES), M_TILES)
         group += n_iter * UNROLL
     elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
         blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
@@ -688,18 +709,16 @@ def _mma_gemv_kernel(
             next_blocks = _advance(row_blocks, next_block, ROW_TILES)
             fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
                              VEC, UNROLL, ROW_TILES)
-            acc = _iteration(acc, current, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
+            acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                              planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
-            x_at += UNROLL * X_BYTES
-            x8_at += UNROLL * X_BYTES
+            x_ats = _moved(x_ats, UNROLL * X_BYTES, M_TILES)
             group += UNROLL
             blocks = next_blocks
-        acc = _iteration(acc, fetched, x_at, x8_at, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
+        acc = _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                          planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
         w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
-        x_at += UNROLL * X_BYTES
-        x8_at += UNROLL * X_BYTES
+        x_ats = _moved(x_ats, UNROLL * X_BYTES, M_TILES)
         group += UNROLL
     for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
         block = group * GROUP // BLOCKSIZE
@@ -712,11 +731,9 @@ def _mma_gemv_kernel(
                                        nested_code_ptr, shift, DOUBLE_QUANT),
                                 _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
                                        nested_code_ptr, shift, DOUBLE_QUANT)),)
-        acc = _group(acc, words, x_at, x8_at, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
-                     TABLE_WORDS)
+        acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS)
         w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
-        x_at += X_BYTES
-        x8_at += X_BYTES
+        x_ats = _moved(x_ats, X_BYTES, M_TILES)
         group += 1
     M_PAD: tl.constexpr = 8 * M_TILES
     if SHARED_SUMS:
@@ -749,15 +766,13 @@ def _mma_gemv_kernel(
     else:
         # The warps' partial sums of the program's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
         part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
-        col = 2 * t
         for r in tl.static_range(ROW_TILES):
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc[r]
             row = 16 * r + g
-            _store2(part + (row * M_PAD + col) * 4, acc0, acc1, (col < M).to(tl.int32))
-            _store2(part + ((row + 8) * M_PAD + col) * 4, acc2, acc3, (col < M).to(tl.int32))
-            if M_TILES == 2:
-                _store2(part + (row * M_PAD + col + 8) * 4, acc4, acc5, (col + 8 < M).to(tl.int32))
-                _store2(part + ((row + 8) * M_PAD + col + 8) * 4, acc6, acc7, (col + 8 < M).to(tl.int32))
+            for j in tl.static_range(M_TILES):
+                col = 2 * t + 8 * j
+                _store2(part + (row * M_PAD + col) * 4, acc[r][4 * j], acc[r][4 * j + 1], (col < M).to(tl.int32))
+                _store2(part + ((row + 8) * M_PAD + col) * 4, acc[r][4 * j + 2], acc[r][4 * j + 3],
+                        (col < M).to(tl.int32))
         tl.debug_barrier()
         warps = tl.arange(0, KSPLIT)
         rows = tl.arange(0, ROWS)
@@ -798,35 +813,51 @@ MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 
 STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically (more must be dynamic)
 
 
+def column_tiles(m: int) -> int:
+    """8-column tiles of y.T that M = m rows of x take: 1, 2, 4 or 8 (a power of two, so that the
+    partial sums' shared array is one; Note [column tiles])."""
+    return 1 << max(0, (triton.cdiv(m, 8) - 1).bit_length())
+
+
 def shared_bytes(config: MmaConfig, m: int) -> int:
     """Static shared memory of a launch: the pair table (Note [pair table]) and the partial sums
     (Note [epilogue]), each rounded as the kernel declares it."""
     table = 32 * 1024 if config.table else 0
-    words = config.ksplit * (8 if m <= 8 else 16) * 16 * config.row_tiles
+    words = config.ksplit * 8 * column_tiles(m) * 16 * config.row_tiles
     return table + (4 * max(256, words) if config.shared_sums else 0)
 
 
 def _timed_configs(m: int) -> list[MmaConfig]:
-    """What mma_gemv times for M = m rows of x: built only when a shape is tuned, not per call."""
-    return MMA_CONFIGS if m > 8 else MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
+    """What mma_gemv times for M = m rows of x: built only when a shape is tuned, not per call. Above
+    M = 16 (Note [column tiles]) the configs that compile without spilling registers and whose partial
+    sums fit in static shared memory."""
+    if m <= 8:
+        return MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
+    if m <= 16:
+        return MMA_CONFIGS
+    return [c for c in MMA_CONFIGS if c.unroll * c.row_tiles * column_tiles(m) <= 16 and c.depth == 1
+            and shared_bytes(c, m) <= STATIC_SHARED_MAX]
 
 
 _CHOSEN: dict[tuple, MmaConfig] = {}
 _MMA_GEMV = DirectLaunch(_mma_gemv_kernel)
 
 
-def untimed_config(n_rows: int) -> MmaConfig:
+def untimed_config(n_rows: int, m: int = 1) -> MmaConfig:
     """A config without timing: about 4096 warps in all (the measured winners on the H100 are within
-    one step of it, benchmarks/RESULTS.md), 4 groups per iteration, one 16-row tile per warp."""
+    one step of it, benchmarks/RESULTS.md), 4 groups per iteration (2 above M = 32), one 16-row tile
+    per warp; the warps' sums in global scratch where shared memory cannot hold them (M > 16)."""
     tiles = triton.cdiv(n_rows, 16)
-    return MmaConfig(min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), 4, 1)
+    unroll = 4 if column_tiles(m) <= 4 else 2  # Note [column tiles]
+    config = MmaConfig(min(16, max(2, 1 << max(0, (4096 // tiles).bit_length() - 1))), unroll, 1)
+    return config if shared_bytes(config, m) <= STATIC_SHARED_MAX else config._replace(shared_sums=False)
 
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
     ksplit, unroll, row_tiles, depth, shared_sums, table = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
-    m_tiles = 1 if m <= 8 else 2
+    m_tiles = column_tiles(m)
     programs = triton.cdiv(n, 16 * row_tiles)
     if shared_sums:
         scratch = out  # not read
@@ -844,14 +875,15 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
              config: MmaConfig | None = None) -> torch.Tensor:
     """out (M, N) = x2d (M, K) @ W.T (+ bias) for 1 <= M <= MMA_M_MAX, 16-bit x2d whose rows start on
-    16 bytes, and mma_fits(W). config: None times MMA_CONFIGS (MMA_CONFIGS_M8 and MMA_TABLE_CONFIGS for
-    M <= 8) once per shape (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest;
-    untimed_config with KERNELS_TUNE=0."""
+    16 bytes, and mma_fits(W). config: None times _timed_configs(M) once per shape and column tiles
+    (CUDA-graph timing, L2 cleared: kernels/launch.py) and keeps the fastest; untimed_config with
+    KERNELS_TUNE=0."""
+    m = x2d.shape[0]
     if config is None:
-        key = (x2d.shape[0] > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
+        key = (column_tiles(m), weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
                bias is not None, x2d.device)
-        config = choose_config(_CHOSEN, key, lambda: _timed_configs(x2d.shape[0]),
-                               lambda: untimed_config(weight.n_rows), lambda c: _launch(x2d, weight, bias, out, c))
+        config = choose_config(_CHOSEN, key, lambda: _timed_configs(m), lambda: untimed_config(weight.n_rows, m),
+                               lambda c: _launch(x2d, weight, bias, out, c))
     elif shared_bytes(config, x2d.shape[0]) > STATIC_SHARED_MAX:
         raise ValueError(f"nf4_mma: {config} at M = {x2d.shape[0]} needs {shared_bytes(config, x2d.shape[0])} bytes "
                          f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "

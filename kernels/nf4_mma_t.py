@@ -50,7 +50,9 @@ from kernels.nf4_mma import (_lane_ids, _lane_planes, _mma, _pairs, _partials_ba
                              _shared_store, _shift, _shuffle)
 from kernels.nf4_tiles import NF4Weight
 
-__all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS"]
+__all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS", "MMA_T_M_MAX"]
+
+MMA_T_M_MAX = 16  # rows of g: two m16n8k16 column tiles
 
 COLUMNS = 64  # columns of W per program: 4 mma tiles of 16
 

@@ -40,15 +40,27 @@ def test_mma_fits(blocksize, n_cols, address, fits):
 def test_untimed_config_aims_at_about_4096_warps(n_rows, warps):
     assert nf4_mma.untimed_config(n_rows) == nf4_mma.MmaConfig(warps, 4, 1, depth=1)
     assert nf4_mma.untimed_config(n_rows) in nf4_mma.MMA_CONFIGS
+    for m in (17, 33, 64):  # Note [column tiles]: fewer groups per iteration, sums in scratch if too big
+        config = nf4_mma.untimed_config(n_rows, m)
+        assert config in nf4_mma._timed_configs(m), (n_rows, m, config)
 
 
-def test_every_timed_config_fits_the_static_shared_memory():
+@pytest.mark.parametrize("m,tiles", [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4), (33, 8), (64, 8)])
+def test_column_tiles_are_powers_of_two_covering_m(m, tiles):
+    assert nf4_mma.column_tiles(m) == tiles
+
+
+def test_every_timed_config_fits_the_static_shared_memory_and_the_registers():
     assert nf4_mma._timed_configs(8) == nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS
     assert nf4_mma._timed_configs(9) == nf4_mma.MMA_CONFIGS
-    for m in (1, 16):
-        for config in nf4_mma._timed_configs(m):
+    for m in (1, 16, 17, 64):
+        timed = nf4_mma._timed_configs(m)
+        assert len(timed) >= 7, m
+        for config in timed:
             assert nf4_mma.shared_bytes(config, m) <= nf4_mma.STATIC_SHARED_MAX, (config, m)
+            assert config.unroll * config.row_tiles * nf4_mma.column_tiles(m) <= 16, (config, m)
     assert nf4_mma.shared_bytes(nf4_mma.MmaConfig(16, 2, 2, table=4), 16) == 32 * 1024 + 4 * 16 * 16 * 32
+    assert nf4_mma.shared_bytes(nf4_mma.MmaConfig(8, 2, 1), 64) == 4 * 8 * 64 * 16
 
 
 def test_a_config_over_the_shared_memory_is_refused_by_name():

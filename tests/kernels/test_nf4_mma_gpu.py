@@ -27,10 +27,16 @@ def _run(n_rows, n_cols, blocksize, m, dtype=torch.bfloat16, double_quant=True, 
     assert_matmul_close(got, x, weight.T, b, RTOL[dtype])
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 31, 40, 64])
 @pytest.mark.parametrize("n_rows,n_cols", [(4096, 4096), (333, 4096), (17, 1024), (4101, 14336)])
 def test_bf16_shapes_and_rows(n_rows, n_cols, m):
     _run(n_rows, n_cols, 64, m)
+
+
+@pytest.mark.parametrize("config,m", [(config, m) for m in (20, 64) for config in nf4_mma._timed_configs(m)])
+def test_every_config_above_16_rows(config, m):
+    """Note [column tiles]: 4 and 8 column tiles, each config timed there, remainder loops and odd rows."""
+    _run(1000, 4160, 64, m, config=config)
 
 
 @pytest.mark.parametrize("config,m", [(config, m) for config in nf4_mma.MMA_CONFIGS_M8 for m in (5, 12)]
@@ -53,12 +59,12 @@ def test_pair_table_at_every_share_with_two_x_tiles_float16_and_plain_scales(tab
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 33])
 def test_blocksizes(blocksize, m):
     _run(300, 2048, blocksize, m)
 
 
-@pytest.mark.parametrize("m", [1, 12])
+@pytest.mark.parametrize("m", [1, 12, 48])
 def test_float16_and_no_double_quant(m):
     _run(777, 3072, 64, m, dtype=torch.float16)
     _run(777, 3072, 64, m, double_quant=False, bias=False)

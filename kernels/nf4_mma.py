@@ -45,7 +45,11 @@ Note [what limits it]
     rows each): 77 against 72 us; taking half the rows from each lookup: 76 us, L1 75% busy.
     So only a share of the words takes that table (Note [pair table]). H200, run 130 (28672 x 8192,
     M = 1, without the table): ALU pipe 79% busy, "math pipe throttle" the first stall reason, L1
-    wavefronts 56%, DRAM 33%: the lookup's ALU work is still the limit there.
+    wavefronts 56%, DRAM 33%: the lookup's ALU work is still the limit there. With the table (H100,
+    run 139, 8192 x 8192, 3/4 of the words) ptxas gives the 4-warp program 127 registers (72
+    without), so 4 programs fit an SM instead of 7; the L1 data pipe is then 72% busy, the ALU 38%,
+    and the warps wait on the MIO queue and on the table's loads. A register cap of 96 (5 programs
+    per SM, no spills) was slower on every shape (run 140), so ptxas keeps its choice.
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g

@@ -106,8 +106,21 @@ Note [column tiles]
     columns) fit in shared memory only up to 8 warps, and untimed_config falls back to scratch.
     Above M = 16 the dispatch took W dequantized to bf16 and cuBLAS before, which writes the weight
     in bf16 and reads it back: 0.46-0.65x of torch's bf16 product at M = 32 and 64 (H100, graph
-    replay, run 143), against 1.54-1.76x and 0.75-0.88x now (run 144; bitsandbytes 0.41-0.74x and
-    0.41-0.49x). At M = 64 each program still reads all 64 rows of x for its 16 rows of W.
+    replay, run 143), against 1.54-1.76x at M = 32 (run 144; bitsandbytes 0.41-0.74x) and 0.95-1.05x
+    at M = 64 with x in fragment order (run 146, Note [x fragments]; bitsandbytes 0.41-0.49x).
+
+Note [x fragments]
+    Above 16 rows the x fragments are most of an iteration's loads, and each 16-byte load of a warp
+    in x's row order touches 8 rows of x (8 L1 wavefronts for 512 bytes); Nsight Compute on the
+    H100 (run 145) had the L1 data pipe 80% busy at M = 64 with 8 warps per SM waiting on loads.
+    So for 8 column tiles (M = 33..64) the launch first copies x into fragment order (x_fragments:
+    a copy of x, zero rows up to 64 added by one more below M = 64), where the 32 lanes' 16 bytes of
+    one load are 512 consecutive bytes. H100, graph replay, M = 64 (run 146 against run 144): 4096 x 4096 20.7 ->
+    19.3 us, 14336 x 4096 68.5 -> 56.7, 4096 x 14336 62.2 -> 51.5, 8192 x 8192 69.2 -> 56.8, 28672 x
+    8192 211.6 -> 180.4 (0.95-1.05x of torch's bf16 product instead of 0.75-0.88x). At M = 32 the
+    copy costs about what it saves (4096 x 4096 11.6 -> 13.5 us, 28672 x 8192 107.6 -> 104.7, the
+    others within 6%), and at M <= 16 fragment order gained nothing (run 130, H200), so x stays in
+    its rows up to 32.
 
 Note [pair lookup]
     The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a
@@ -151,6 +164,7 @@ compiled for sm_90 in CI and checked against the reference on the GPU.
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -459,16 +473,16 @@ def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES:
 
 @triton.jit
 def _group(acc, words, x_ats, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
-           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
+           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr):
     """acc (per row tile, 4 M_TILES float32: C of each column tile) += scale * (one group's mmas): words
     (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_ats the byte
-    addresses of this lane's x in rows g, g + 8, .. of x (one per column tile). Every row tile
+    addresses of this lane's x fragments (one per column tile; Note [x fragments]). Every row tile
     multiplies the same x fragments: Note [row tiles]."""
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
     xs = ()
     if ROW_TILES > 1:  # loaded once for every row tile; with one, each where it is used
         for j in tl.static_range(M_TILES):
-            xs = xs + (_x_group(x_ats[j], VEC),)
+            xs = xs + (_x_group(x_ats[j], VEC, X_FRAGMENTS),)
     new_acc = ()
     for r in tl.static_range(ROW_TILES):
         wg, wg8 = words[r]
@@ -489,7 +503,7 @@ def _group(acc, words, x_ats, scales, planes, lane_table, VEC: tl.constexpr, M_T
             if ROW_TILES > 1:
                 x = xs[j]
             else:
-                x = _x_group(x_ats[j], VEC)
+                x = _x_group(x_ats[j], VEC, X_FRAGMENTS)
             z = 0.0
             t0, t1, t2, t3 = z, z, z, z
             for v in tl.static_range(VEC):
@@ -514,10 +528,11 @@ def _moved(addresses, step, COUNT: tl.constexpr):
 @triton.jit
 def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
                lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr):
+               DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr,
+               X_FRAGMENTS: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
     rows g and g + 8) and takes the others from its quad (Note [shared scales])."""
-    X_BYTES: tl.constexpr = 64 * VEC
+    X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC  # bytes of x per group
     words, entries = fetched
     scales = ()
     for r in tl.static_range(ROW_TILES):
@@ -529,8 +544,8 @@ def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_c
         shared = ()
         for r in tl.static_range(ROW_TILES):
             shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
-        acc = _group(acc, words[u], _moved(x_ats, u * X_BYTES, M_TILES), shared, planes, lane_table, VEC, M_TILES,
-                     FLOAT16, ROW_TILES, TABLE_WORDS)
+        acc = _group(acc, words[u], _moved(x_ats, u * X_STEP, M_TILES), shared, planes, lane_table, VEC, M_TILES,
+                     FLOAT16, ROW_TILES, TABLE_WORDS, X_FRAGMENTS)
     return acc
 
 
@@ -581,25 +596,28 @@ def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: 
 def _iteration_at(acc, fetched, j, x_ats, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
                   planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
                   FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  TABLE_WORDS: tl.constexpr):
+                  TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr):
     """_iteration on the loads of iteration j (x_ats: this lane's x addresses in iteration 0)."""
-    return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * 64 * VEC), M_TILES),
+    X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC
+    return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * X_STEP), M_TILES),
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
                       nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
-                      ROW_TILES, TABLE_WORDS)
+                      ROW_TILES, TABLE_WORDS, X_FRAGMENTS)
 
 
 @triton.jit
-def _x_group(at, VEC: tl.constexpr):
-    """This lane's 4 VEC pair registers of x at byte `at` (a 16-tuple padded with zeros)."""
+def _x_group(at, VEC: tl.constexpr, X_FRAGMENTS: tl.constexpr):
+    """This lane's 4 VEC pair registers of x from byte `at` on (a 16-tuple padded with zeros): VEC
+    loads of 16 bytes, consecutive in x's rows, 512 bytes apart in fragment order (Note [x fragments])."""
+    APART: tl.constexpr = 512 if X_FRAGMENTS else 16
     x0, x1, x2, x3 = _load_x16(at)
     if VEC >= 2:
-        x4, x5, x6, x7 = _load_x16(at + 16)
+        x4, x5, x6, x7 = _load_x16(at + APART)
     else:
         x4, x5, x6, x7 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
     if VEC == 4:
-        x8, x9, x10, x11 = _load_x16(at + 32)
-        x12, x13, x14, x15 = _load_x16(at + 48)
+        x8, x9, x10, x11 = _load_x16(at + 2 * APART)
+        x12, x13, x14, x15 = _load_x16(at + 3 * APART)
     else:
         x8, x9, x10, x11 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
         x12, x13, x14, x15 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
@@ -614,12 +632,12 @@ def _mma_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
-    SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr,
+    SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr, X_FRAGMENTS: tl.constexpr,
 ):
-    VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group
+    VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group (words_per_lane)
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
     W_BYTES: tl.constexpr = 16 * VEC  # bytes of a group's row of W
-    X_BYTES: tl.constexpr = 64 * VEC  # bytes of a group's row of x
+    X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC  # bytes of x per group
     ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per program (and per warp)
     tile = tl.program_id(0)
     lane, warp = _lane_ids(tile)
@@ -647,12 +665,16 @@ def _mma_gemv_kernel(
         row_blocks = row_blocks + ((row_g * (K // BLOCKSIZE), row_g8 * (K // BLOCKSIZE)),)
         w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
         w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
-    # Lanes of columns g >= M read row M - 1 of x: columns of y that are never stored.
-    x_lane = x_ptr.to(tl.int64) + group * X_BYTES + t * (16 * VEC)
-    x_ats = ()  # column tile j: row 8 j + g
+    # Column tile j: row 8 j + g of x; lanes of columns g >= M read row M - 1 (in x's rows) or padding
+    # (fragment order): columns of y that are never stored.
     zeros = ()
+    x_ats = ()
     for j in tl.static_range(M_TILES):
-        x_ats = x_ats + (x_lane + tl.minimum(8 * j + g, M - 1).to(tl.int64) * stride_xm * 2,)
+        if X_FRAGMENTS:  # Note [x fragments]
+            x_ats = x_ats + (x_ptr.to(tl.int64) + group * X_STEP + j * (512 * VEC) + lane * 16,)
+        else:
+            x_ats = x_ats + (x_ptr.to(tl.int64) + group * X_STEP + t * (16 * VEC)
+                             + tl.minimum(8 * j + g, M - 1).to(tl.int64) * stride_xm * 2,)
         zeros = zeros + (0.0, 0.0, 0.0, 0.0)
     acc = ()
     for r in tl.static_range(ROW_TILES):
@@ -691,19 +713,19 @@ def _mma_gemv_kernel(
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
                 acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                     nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
                 current = following
                 following = ahead
             if n_iter >= 2:
                 acc = _iteration_at(acc, current, n_iter - 2, x_ats, row_blocks, first, sources,
                                     nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
-                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
                 current = following
             acc = _iteration_at(acc, current, n_iter - 1, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                 nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS)
+                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
         w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
-        x_ats = _moved(x_ats, n_iter * (UNROLL * X_BYTES), M_TILES)
+        x_ats = _moved(x_ats, n_iter * (UNROLL * X_STEP), M_TILES)
         group += n_iter * UNROLL
     elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
         blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
@@ -714,15 +736,17 @@ def _mma_gemv_kernel(
             fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
                              VEC, UNROLL, ROW_TILES)
             acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                             planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
+                             planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
+                             X_FRAGMENTS)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
-            x_ats = _moved(x_ats, UNROLL * X_BYTES, M_TILES)
+            x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
             group += UNROLL
             blocks = next_blocks
         acc = _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                         planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS)
+                         planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
+                             X_FRAGMENTS)
         w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
-        x_ats = _moved(x_ats, UNROLL * X_BYTES, M_TILES)
+        x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
         group += UNROLL
     for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
         block = group * GROUP // BLOCKSIZE
@@ -735,9 +759,10 @@ def _mma_gemv_kernel(
                                        nested_code_ptr, shift, DOUBLE_QUANT),
                                 _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
                                        nested_code_ptr, shift, DOUBLE_QUANT)),)
-        acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS)
+        acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS,
+                     X_FRAGMENTS)
         w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
-        x_ats = _moved(x_ats, X_BYTES, M_TILES)
+        x_ats = _moved(x_ats, X_STEP, M_TILES)
         group += 1
     M_PAD: tl.constexpr = 8 * M_TILES
     if SHARED_SUMS:
@@ -857,23 +882,40 @@ def untimed_config(n_rows: int, m: int = 1) -> MmaConfig:
     return config if shared_bytes(config, m) <= STATIC_SHARED_MAX else config._replace(shared_sums=False)
 
 
+def words_per_lane(blocksize: int) -> int:
+    """VEC of the kernel: 32-bit words of W per lane, row and group (Note [lane map])."""
+    return 4 if blocksize >= 128 else blocksize // 32
+
+
+def x_fragments(x2d: torch.Tensor, vec: int, m_tiles: int) -> torch.Tensor:
+    """x (M, K) in fragment order (Note [x fragments]): for each group of 32 vec columns, column tile j
+    and load i, 512 bytes holding lane 4 g + t's 16: x[8 j + g, 32 vec G + 8 vec t + 8 i : .. + 8].
+    Rows past M are zeros."""
+    m, k = x2d.shape
+    padded = F.pad(x2d, (0, 0, 0, 8 * m_tiles - m)) if m < 8 * m_tiles else x2d.contiguous()
+    view = padded.view(m_tiles, 8, k // (32 * vec), 4, vec, 8)  # j, g, G, t, i, 8 values
+    return view.permute(2, 0, 4, 1, 3, 5).contiguous()  # G, j, i, g, t, 8 values
+
+
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
     ksplit, unroll, row_tiles, depth, shared_sums, table = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = column_tiles(m)
+    fragments = m_tiles > 4  # Note [x fragments]
+    x = x_fragments(x2d, words_per_lane(weight.blocksize), m_tiles) if fragments else x2d
     programs = triton.cdiv(n, 16 * row_tiles)
     if shared_sums:
         scratch = out  # not read
     else:
         scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
     _MMA_GEMV((programs,), (
-        x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+        x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # SHARED_SUMS, TABLE_QUARTERS
+        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table), num_warps=ksplit)
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments), num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,

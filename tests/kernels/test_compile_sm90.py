@@ -104,11 +104,12 @@ def _compile_all() -> list[dict]:
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
                           HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll,
                           ROW_TILES=1 + (blocksize == 64 and m_tiles == 2 and unroll == 4), DEPTH=depth,
-                          SHARED_SUMS=shared_sums, TABLE_QUARTERS=table)
+                          SHARED_SUMS=shared_sums, TABLE_QUARTERS=table, X_FRAGMENTS=m_tiles > 4)
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
         run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} ROW_TILES={constexprs['ROW_TILES']} "
-            f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} {dtype}", nf4_mma._mma_gemv_kernel,
+            f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} X_FRAGMENTS={m_tiles > 4} {dtype}",
+            nf4_mma._mma_gemv_kernel,
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))

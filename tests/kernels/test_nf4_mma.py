@@ -50,6 +50,25 @@ def test_column_tiles_are_powers_of_two_covering_m(m, tiles):
     assert nf4_mma.column_tiles(m) == tiles
 
 
+@pytest.mark.parametrize("m,vec", [(64, 2), (20, 1), (33, 4)])
+def test_x_fragments_give_each_lane_its_slice_of_x(m, vec):
+    """Note [x fragments]: load i of column tile j in group G, lane 4 g + t, holds x[8 j + g, 32 vec G
+    + 8 vec t + 8 i : + 8]; rows past M are zero."""
+    k = 32 * vec * 3
+    x = torch.randn(m, k).to(torch.bfloat16)
+    tiles = nf4_mma.column_tiles(m)
+    frags = nf4_mma.x_fragments(x, vec, tiles).reshape(-1, 8)  # one row per lane and load
+    padded = torch.cat([x, torch.zeros(8 * tiles - m, k, dtype=x.dtype)])
+    for group in range(3):
+        for j in range(tiles):
+            for i in range(vec):
+                for lane in (0, 5, 31):
+                    g, t = lane // 4, lane % 4
+                    at = ((group * tiles + j) * vec + i) * 32 + lane
+                    col = 32 * vec * group + 8 * vec * t + 8 * i
+                    assert torch.equal(frags[at], padded[8 * j + g, col:col + 8]), (group, j, i, lane)
+
+
 def test_every_timed_config_fits_the_static_shared_memory_and_the_registers():
     assert nf4_mma._timed_configs(8) == nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS
     assert nf4_mma._timed_configs(9) == nf4_mma.MMA_CONFIGS

@@ -106,7 +106,7 @@ Note [column tiles]
     columns) fit in shared memory only up to 8 warps, and untimed_config falls back to scratch.
     Above M = 16 the dispatch took W dequantized to bf16 and cuBLAS before, which writes the weight
     in bf16 and reads it back: 0.46-0.65x of torch's bf16 product at M = 32 and 64 (H100, graph
-    replay, run 143), against 1.54-1.76x at M = 32 (run 144; bitsandbytes 0.41-0.74x) and 0.95-1.05x
+    replay, run 143), against 1.55-1.76x at M = 32 (run 144; bitsandbytes 0.41-0.74x) and 0.90-1.05x
     at M = 64 with x in fragment order (run 146, Note [x fragments]; bitsandbytes 0.41-0.49x).
 
 Note [x fragments]
@@ -115,9 +115,10 @@ Note [x fragments]
     H100 (run 145) had the L1 data pipe 80% busy at M = 64 with 8 warps per SM waiting on loads.
     So for 8 column tiles (M = 33..64) the launch first copies x into fragment order (x_fragments:
     a copy of x, zero rows up to 64 added by one more below M = 64), where the 32 lanes' 16 bytes of
-    one load are 512 consecutive bytes. H100, graph replay, M = 64 (run 146 against run 144): 4096 x 4096 20.7 ->
-    19.3 us, 14336 x 4096 68.5 -> 56.7, 4096 x 14336 62.2 -> 51.5, 8192 x 8192 69.2 -> 56.8, 28672 x
-    8192 211.6 -> 180.4 (0.95-1.05x of torch's bf16 product instead of 0.75-0.88x). At M = 32 the
+    one load are 512 consecutive bytes. H100, graph replay, M = 64 (run 146 against run 144):
+    4096 x 4096 20.7 -> 19.3 us, 14336 x 4096 68.5 -> 56.7, 4096 x 14336 62.2 -> 51.5, 8192 x 8192
+    69.2 -> 56.8, 28672 x 8192 211.6 -> 180.4 (0.90-1.05x of torch's bf16 product instead of
+    0.75-0.88x). At M = 32 the
     copy costs about what it saves (4096 x 4096 11.6 -> 13.5 us, 28672 x 8192 107.6 -> 104.7, the
     others within 6%), and at M <= 16 fragment order gained nothing (run 130, H200), so x stays in
     its rows up to 32.
@@ -529,10 +530,10 @@ def _moved(addresses, step, COUNT: tl.constexpr):
 def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
                lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
                DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr,
-               X_FRAGMENTS: tl.constexpr):
+               X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
-    rows g and g + 8) and takes the others from its quad (Note [shared scales])."""
-    X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC  # bytes of x per group
+    rows g and g + 8) and takes the others from its quad (Note [shared scales]); X_STEP: bytes of x
+    per group."""
     words, entries = fetched
     scales = ()
     for r in tl.static_range(ROW_TILES):
@@ -596,13 +597,12 @@ def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: 
 def _iteration_at(acc, fetched, j, x_ats, row_blocks, first, sources, nested_absmax_ptr, nested_code_ptr, shift,
                   planes, lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
                   FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr):
+                  TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr):
     """_iteration on the loads of iteration j (x_ats: this lane's x addresses in iteration 0)."""
-    X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC
     return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * X_STEP), M_TILES),
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
                       nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
-                      ROW_TILES, TABLE_WORDS, X_FRAGMENTS)
+                      ROW_TILES, TABLE_WORDS, X_FRAGMENTS, X_STEP)
 
 
 @triton.jit
@@ -713,17 +713,18 @@ def _mma_gemv_kernel(
                 ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
                 acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                     nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
+                                    DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
                 current = following
                 following = ahead
             if n_iter >= 2:
                 acc = _iteration_at(acc, current, n_iter - 2, x_ats, row_blocks, first, sources,
                                     nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
-                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
+                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS,
+                                    X_STEP)
                 current = following
             acc = _iteration_at(acc, current, n_iter - 1, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                 nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS)
+                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
         w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
         x_ats = _moved(x_ats, n_iter * (UNROLL * X_STEP), M_TILES)
         group += n_iter * UNROLL
@@ -737,14 +738,14 @@ def _mma_gemv_kernel(
                              VEC, UNROLL, ROW_TILES)
             acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                              planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
-                             X_FRAGMENTS)
+                             X_FRAGMENTS, X_STEP)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
             group += UNROLL
             blocks = next_blocks
         acc = _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                          planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
-                             X_FRAGMENTS)
+                         X_FRAGMENTS, X_STEP)
         w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
         x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
         group += UNROLL
@@ -930,8 +931,8 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
                bias is not None, x2d.device)
         config = choose_config(_CHOSEN, key, lambda: _timed_configs(m), lambda: untimed_config(weight.n_rows, m),
                                lambda c: _launch(x2d, weight, bias, out, c))
-    elif shared_bytes(config, x2d.shape[0]) > STATIC_SHARED_MAX:
-        raise ValueError(f"nf4_mma: {config} at M = {x2d.shape[0]} needs {shared_bytes(config, x2d.shape[0])} bytes "
+    elif shared_bytes(config, m) > STATIC_SHARED_MAX:
+        raise ValueError(f"nf4_mma: {config} at M = {m} needs {shared_bytes(config, m)} bytes "
                          f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "
                          f"shared_sums=False")
     _launch(x2d, weight, bias, out, config)

@@ -1,5 +1,7 @@
 """Triton kernels: NF4 dequantization and fused dequant-matmul, rotary embeddings.
 
+    kernels.prepare(packed, state, tiled=False)                 -> the checked weight every function takes
+    kernels.tile_codes(packed, state)                           -> the codes in the kernels' tile order
     kernels.dequantize_nf4(packed, state, dtype=torch.bfloat16) -> W (N, K)
     kernels.dequantize_nf4_lowrank(packed, state, b, a, s, dtype) -> W + s b @ a (N, K), one pass
     kernels.matmul_nf4(x, packed, state, bias=None)             -> x @ W.T (+ bias)   (..., K) -> (..., N)
@@ -10,7 +12,9 @@
 
 `state` is any object with `absmax, nested_absmax (None without double quant), nested_code, offset,
 code, blocksize, shape` (quant.QuantState). The kernels run on CUDA tensors (or CPU tensors under
-TRITON_INTERPRET=1). Triton is imported only when a kernel is first called, so `import kernels`
+TRITON_INTERPRET=1). The packed codes are read in bitsandbytes' row order, or in the tile order of
+kernels/nf4_tiles.py Note [tiled codes] (the same bytes permuted, faster at small M) from a weight
+prepared with tiled=True. Triton is imported only when a kernel is first called, so `import kernels`
 works without it; `kernels.available()` says whether the kernels can run here.
 """
 import functools
@@ -20,8 +24,9 @@ import torch
 
 from kernels import reference
 
-__all__ = ["available", "prepare", "dequantize_nf4", "dequantize_nf4_lowrank", "matmul_nf4", "matmul_nf4_t",
-           "matmul_nf4_t_lowrank", "apply_rotary", "reference"]
+__all__ = ["available", "prepare", "tile_codes", "untile_codes", "tiles_fit", "dequantize_nf4",
+           "dequantize_nf4_lowrank", "matmul_nf4", "matmul_nf4_t", "matmul_nf4_t_lowrank", "apply_rotary",
+           "reference"]
 
 
 def available() -> bool:
@@ -34,13 +39,37 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def prepare(packed: torch.Tensor, state):
+def prepare(packed: torch.Tensor, state, tiled: bool = False):
     """Check (packed, state) once and return the launch-ready weight (kernels.nf4_tiles.NF4Weight).
+    tiled: `packed` holds the codes in tile order (tile_codes), else in row order.
 
     Every function here accepts it in place of `state`, skipping the per-call checks: callers that
     keep a weight across calls (quant.Linear4bit) prepare it once."""
     from kernels.nf4_tiles import nf4_weight
-    return nf4_weight(packed, state, packed.device)
+    return nf4_weight(packed, state, packed.device, tiled)
+
+
+def tiles_fit(shape, blocksize: int) -> bool:
+    """Whether a weight of `shape` (N, K) can hold its codes in tile order: N % 16 == 0, K a multiple of
+    the blocksize, which is a multiple of 32."""
+    from kernels.nf4_tiles import tiles_fit as fit
+    n_rows, n_cols = (int(d) for d in shape)
+    return fit(n_rows, n_cols, blocksize)
+
+
+def tile_codes(packed: torch.Tensor, state) -> torch.Tensor:
+    """The packed codes of W (row order, bitsandbytes') in the kernels' tile order (kernels/nf4_tiles.py
+    Note [tiled codes]): a new tensor of packed's shape. ValueError when not tiles_fit."""
+    from kernels.nf4_tiles import tile_codes as tile
+    n_rows, n_cols = (int(d) for d in state.shape)
+    return tile(packed.reshape(-1), n_rows, n_cols, int(state.blocksize)).view(packed.shape)
+
+
+def untile_codes(tiled: torch.Tensor, state) -> torch.Tensor:
+    """The inverse of tile_codes: the codes in row order, a new tensor of tiled's shape."""
+    from kernels.nf4_tiles import untile_codes as untile
+    n_rows, n_cols = (int(d) for d in state.shape)
+    return untile(tiled.reshape(-1), n_rows, n_cols, int(state.blocksize)).view(tiled.shape)
 
 
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import candidates, cold_graph_bench
-from kernels.nf4_tiles import block_scale, interpreting, split_range, store_output
+from kernels.nf4_tiles import block_scale, code_offset, interpreting, split_range, store_output
 
 __all__ = ["gemv_fma", "gemv_dot", "GEMV_M_MAX", "GEMV_BLOCKSIZE_MAX", "GEMV_LOOKUP", "GEMV_DOT_LOOKUP", "GEMV_LOOKUPS"]
 
@@ -275,6 +275,17 @@ def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows, block,
 
 
 @triton.jit
+def _word_pointers(packed_ptr, rows, word, K, row_words, BLOCKSIZE: tl.constexpr, TILED: tl.constexpr):
+    """int32 pointers to the words `word` (NB, WPB) of rows `rows` (BLOCK_N,): (BLOCK_N, NB, WPB), in row
+    order or tiled (kernels/nf4_tiles.py Note [tiled codes]: a word stays whole at code_offset)."""
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    if TILED:
+        return words_ptr + code_offset(rows[:, None, None], 4 * word[None, :, :], K, BLOCKSIZE, TILED) // 4
+    else:
+        return words_ptr + rows.to(tl.int64)[:, None, None] * row_words + word[None, :, :]
+
+
+@triton.jit
 def _gemv_kernel(
     # pointers
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, byte_code_ptr,
@@ -286,7 +297,7 @@ def _gemv_kernel(
     # problem: M_PAD is 1 (FMA path) or 16 (tensor cores, M <= 16)
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, M_PAD: tl.constexpr,
     # code lookup, one of GEMV_LOOKUPS (Note [prmt lookup]); IN_REGISTERS False: no PTX (interpreter)
-    LOOKUP: tl.constexpr, IN_REGISTERS: tl.constexpr,
+    LOOKUP: tl.constexpr, IN_REGISTERS: tl.constexpr, TILED: tl.constexpr,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -295,7 +306,6 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    word_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None, None] * row_words
     first, last = split_range(tl.cdiv(K, BLOCK_K), pid_k, SPLIT)
     word_in_tile = tl.arange(0, NB)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (NB, WPB)
     # The 8 byte-plane registers of Note [prmt lookup], each lane reading its own copy
@@ -317,13 +327,15 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)  # one partial sum per word of the tile
         end_word = tl.minimum(row_words, last * (BLOCK_K // 8))  # this split's words end here
         word = first * (BLOCK_K // 8) + word_in_tile  # (NB, WPB)
-        words = tl.load(word_rows + word[None, :, :], mask=(rows < N)[:, None, None]
+        at = _word_pointers(packed_ptr, rows, word, K, row_words, BLOCKSIZE, TILED)
+        words = tl.load(at, mask=(rows < N)[:, None, None]
                         & (word < end_word)[None, :, :], other=0)  # (BLOCK_N, NB, WPB) int32
         scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
                         first * NB + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER)
         for chunk in range(first, last):
             next_word = word + BLOCK_K // 8
-            next_words = tl.load(word_rows + next_word[None, :, :], mask=(rows < N)[:, None, None]
+            at = _word_pointers(packed_ptr, rows, next_word, K, row_words, BLOCKSIZE, TILED)
+            next_words = tl.load(at, mask=(rows < N)[:, None, None]
                                  & (next_word < end_word)[None, :, :], other=0)
             next_scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
                                  (chunk + 1) * NB + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT,
@@ -374,7 +386,8 @@ def _gemv_kernel(
             for chunk in range(first, last):
                 k0 = chunk * BLOCK_K
                 word = k0 // 8 + word_in_tile  # (NB, WPB)
-                words = tl.load(word_rows + word[None, :, :], mask=(rows < N)[:, None, None]
+                at = _word_pointers(packed_ptr, rows, word, K, row_words, BLOCKSIZE, TILED)
+                words = tl.load(at, mask=(rows < N)[:, None, None]
                                 & (word < row_words)[None, :, :], other=0)  # (BLOCK_N, NB, WPB) int32
                 scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
                                 k0 // BLOCKSIZE + tl.arange(0, NB), N, K, BLOCKSIZE, DOUBLE_QUANT,
@@ -398,7 +411,8 @@ def _gemv_kernel(
             for chunk in range(first, last):
                 k0 = chunk * BLOCK_K
                 word = k0 // 8 + word_in_tile  # (NB, WPB)
-                words = tl.load(word_rows + word[None, :, :], mask=(rows < N)[:, None, None]
+                at = _word_pointers(packed_ptr, rows, word, K, row_words, BLOCKSIZE, TILED)
+                words = tl.load(at, mask=(rows < N)[:, None, None]
                                 & (word < row_words)[None, :, :], other=0)  # (BLOCK_N, NB, WPB) int32
                 nibbles = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xF  # (BLOCK_N, NB, WPB, 8)
                 scale = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,

@@ -39,7 +39,7 @@ from kernels import nf4_matmul
 from kernels.launch import Tuned, candidates, cold_graph_bench
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_lowrank_mma import lowrank_mma, lowrank_mma_fits
-from kernels.nf4_tiles import block_scale, interpreting, nf4_weight, on_device
+from kernels.nf4_tiles import block_scale, code_offset, interpreting, nf4_weight, on_device
 
 __all__ = ["dequantize_nf4_lowrank", "matmul_nf4_t_lowrank", "lowrank_fits"]
 
@@ -61,7 +61,7 @@ def _lowrank_kernel(
     packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, b_ptr, a_ptr, out_ptr,
     N, K, R, scaling,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, TILED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     first_col = tl.program_id(1) * BLOCK_K
@@ -69,7 +69,7 @@ def _lowrank_kernel(
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     byte_cols = first_col // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,)
-    bytes_ = tl.load(packed_ptr + rows64[:, None] * (K // 2) + byte_cols[None, :],
+    bytes_ = tl.load(packed_ptr + code_offset(rows[:, None], byte_cols[None, :], K, BLOCKSIZE, TILED),
                      mask=row_ok[:, None] & (byte_cols < K // 2)[None, :], other=0)  # (BLOCK_N, BLOCK_K / 2)
     nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (BLOCK_N, BLOCK_K))  # column 2j + t
     values = tl.load(code_ptr + nibbles.to(tl.int32))  # (BLOCK_N, BLOCK_K) float32
@@ -142,7 +142,7 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
 
-    key = (n, k, r_pad, weight.blocksize, weight.double_quant, dtype, lora_b.dtype, lora_a.dtype)
+    key = (n, k, r_pad, weight.blocksize, weight.double_quant, dtype, lora_b.dtype, lora_a.dtype, weight.tiled)
     launch = _LOWRANK if config is None else _forced(config)
     with on_device(packed.device):
         launch(
@@ -150,7 +150,7 @@ def dequantize_nf4_lowrank(packed: torch.Tensor, state, lora_b: torch.Tensor, lo
             weight.code, lora_b, lora_a, out, n, k, rank, float(scaling),
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
             OFFSET_IS_POINTER=weight.offset_is_pointer, R_PAD=r_pad,
-            DOT_FP32=dot_fp32,
+            DOT_FP32=dot_fp32, TILED=weight.tiled,
             enable_fp_fusion=False,  # w + s * delta rounded as the reference: see the module docstring
         )
     return out

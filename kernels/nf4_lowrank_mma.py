@@ -64,7 +64,7 @@ import triton.language as tl
 
 from kernels.launch import choose_config
 from kernels.nf4_mma import _lane_ids, _mma, _scale, _shift, _shuffle
-from kernels.nf4_mma_t import _load_b32
+from kernels.nf4_mma_t import _load_b32, tiled_pair
 from kernels.nf4_tiles import NF4Weight
 
 __all__ = ["lowrank_mma", "lowrank_mma_fits", "LowrankConfig", "LOWRANK_CONFIGS", "MAX_RANK"]
@@ -170,10 +170,11 @@ def _a_frags(a16_ptr, col0, g, t, R, K, QUADS: tl.constexpr, R_CHUNKS: tl.conste
 
 @triton.jit
 def _tile_loads(n0, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKSIZE: tl.constexpr,
-                QUADS: tl.constexpr, R_CHUNKS: tl.constexpr, EVEN_R: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+                QUADS: tl.constexpr, R_CHUNKS: tl.constexpr, EVEN_R: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                TILED: tl.constexpr):
     """The loads of rows n0 .. n0 + 15: lora_b's A operands per rank chunk, this lane's code word of rows
-    g and g + 8 per quad, and the absmax entries (with their blocks) of those words. Rows past N read
-    row N - 1; quads past K read the last quad."""
+    g and g + 8 per quad (row order or tiled: nf4_mma_t.tiled_pair), and the absmax entries (with their blocks)
+    of those words. Rows past N read row N - 1; quads past K read the last quad."""
     row_g = tl.minimum(n0 + g, N - 1)
     row_g8 = tl.minimum(n0 + g + 8, N - 1)
     b_frags = ()
@@ -190,12 +191,15 @@ def _tile_loads(n0, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKS
                                   _rank_pair(b16_ptr, row_g8 * R + rank, 1, rank, R),
                                   _rank_pair(b16_ptr, row_g * R + rank + 8, 1, rank + 8, R),
                                   _rank_pair(b16_ptr, row_g8 * R + rank + 8, 1, rank + 8, R)),)
-    bytes_g = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K >> 1)  # K is even: rows start on bytes
-    bytes_g8 = packed_ptr.to(tl.int64) + row_g8.to(tl.int64) * (K >> 1)
+    codes = packed_ptr.to(tl.int64)  # K is even: rows start on bytes
     words = ()  # per quad, the words of rows g and g + 8
     for q in tl.static_range(QUADS):
         col = tl.minimum(col0 + 32 * q, K - 32) + 8 * t
-        words = words + ((_load_b32(bytes_g + (col >> 1)), _load_b32(bytes_g8 + (col >> 1))),)
+        if TILED:  # n0 % 16 == 0 and N % 16 == 0: row g8 = row g + 8 of the same band
+            words = words + (tiled_pair(packed_ptr, row_g, col >> 1, K, BLOCKSIZE),)
+        else:
+            words = words + ((_load_b32(codes + row_g.to(tl.int64) * (K >> 1) + (col >> 1)),
+                              _load_b32(codes + row_g8.to(tl.int64) * (K >> 1) + (col >> 1))),)
     scales = ()
     if ROW_BLOCKS:  # the strip lies in one block of each row: lane l < 16 decodes row n0 + l
         block = tl.minimum(n0 + (g * 4 + t) % 16, N - 1) * (K // BLOCKSIZE) + col0 // BLOCKSIZE
@@ -259,7 +263,7 @@ def _lowrank_mma_kernel(
     N, K, R, scaling, rows_per_program,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr, FLOAT16: tl.constexpr,
     QUADS: tl.constexpr, R_CHUNKS: tl.constexpr, EVEN_R: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    WARPS: tl.constexpr,
+    WARPS: tl.constexpr, TILED: tl.constexpr,
 ):
     strip = tl.program_id(0)
     lane, warp = _lane_ids(strip)
@@ -277,12 +281,12 @@ def _lowrank_mma_kernel(
     n_tiles = tl.cdiv(tl.maximum(end - first, 0), 16 * WARPS)
     if n_tiles > 0:  # each tile's loads are issued before the previous tile's math
         loaded = _tile_loads(first, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKSIZE, QUADS,
-                             R_CHUNKS, EVEN_R, ROW_BLOCKS)
+                             R_CHUNKS, EVEN_R, ROW_BLOCKS, TILED)
         for i in range(n_tiles - 1):
             current = loaded
             n0 = first + i * (16 * WARPS)
             loaded = _tile_loads(n0 + 16 * WARPS, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKSIZE,
-                                 QUADS, R_CHUNKS, EVEN_R, ROW_BLOCKS)
+                                 QUADS, R_CHUNKS, EVEN_R, ROW_BLOCKS, TILED)
             _tile_math(current, n0, a_frags, table, nested_absmax_ptr, nested_code_ptr, shift, scaling, out_ptr,
                        col0, g, t, N, K, QUADS, R_CHUNKS, ROW_BLOCKS, DOUBLE_QUANT, FLOAT16)
         _tile_math(loaded, first + (n_tiles - 1) * (16 * WARPS), a_frags, table, nested_absmax_ptr,
@@ -320,6 +324,7 @@ def _launch(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, scali
         FLOAT16=out.dtype == torch.float16, QUADS=config.quads, R_CHUNKS=triton.cdiv(rank, 16),
         EVEN_R=rank % 2 == 0 and lora_b.data_ptr() % 4 == 0,  # rank pairs of lora_b as 32-bit loads
         ROW_BLOCKS=k % weight.blocksize == 0 and weight.blocksize % (32 * config.quads) == 0, WARPS=config.warps,
+        TILED=weight.tiled,
         num_warps=config.warps, num_stages=1,
         enable_fp_fusion=False)  # rounded as the reference: see the module docstring
 
@@ -333,7 +338,7 @@ def lowrank_mma(weight: NF4Weight, lora_b: torch.Tensor, lora_a: torch.Tensor, s
     rank = lora_a.shape[0]
     if config is None:
         key = (weight.n_rows, weight.n_cols, triton.cdiv(rank, 16), weight.blocksize, weight.double_quant,
-               out.dtype, out.device)
+               out.dtype, out.device, weight.tiled)
         config = choose_config(_CHOSEN, key, lambda: _configs(rank), lambda: _configs(rank)[0],
                                lambda c: _launch(weight, lora_b, lora_a, scaling, out, c))
     _launch(weight, lora_b, lora_a, scaling, out, config)

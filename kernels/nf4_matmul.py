@@ -149,7 +149,7 @@ def _matmul_kernel(
     M, N, K, row_bytes, stride_xm, stride_om, M_BUCKET,
     # weight format
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
-    WHOLE_BLOCKS: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, TILED: tl.constexpr,
     # problem
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # meta-parameters
@@ -167,7 +167,7 @@ def _matmul_kernel(
         k0 = chunk * BLOCK_K
         w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                      offs_n, k0, N, K, row_bytes, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, WHOLE_BLOCKS,
-                     BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
+                     TILED, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_rows[None, :] + offs_k[:, None],
                      mask=(offs_k < K)[:, None] & (offs_m < M)[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
@@ -184,7 +184,7 @@ def _matmul_t_kernel(
     M, N, K, row_bytes, stride_gm, stride_om, M_BUCKET,
     # weight format
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
-    WHOLE_BLOCKS: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, TILED: tl.constexpr,
     # problem
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # meta-parameters: BLOCK_K tiles the output columns, BLOCK_N is the reduction chunk
@@ -202,7 +202,7 @@ def _matmul_t_kernel(
         offs_n = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                      offs_n, pid_k * BLOCK_K, N, K, row_bytes, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER,
-                     WHOLE_BLOCKS, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
+                     WHOLE_BLOCKS, TILED, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
         gt = tl.load(g_rows[None, :] + offs_n[:, None],
                      mask=(offs_n < N)[:, None] & (offs_m < M)[None, :], other=0.0)  # (BLOCK_N, BLOCK_M)
         acc = tl.dot(tl.trans(w.to(g_ptr.dtype.element_ty)), gt, acc, input_precision=DOT_PRECISION)
@@ -255,7 +255,7 @@ def _weight_args(weight: NF4Weight) -> tuple:
 
 def _weight_meta(weight: NF4Weight) -> dict:
     return dict(BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
-                OFFSET_IS_POINTER=weight.offset_is_pointer, WHOLE_BLOCKS=weight.whole_blocks)
+                OFFSET_IS_POINTER=weight.offset_is_pointer, WHOLE_BLOCKS=weight.whole_blocks, TILED=weight.tiled)
 
 
 def _m_bucket(m: int) -> int:
@@ -315,13 +315,14 @@ def _forward(x, packed, state, bias, split, kernel_kind: str, lookup: str | None
             if kernel_kind == "gemv":
                 kernel = _GEMV_FMA if m == 1 else _GEMV_DOT
                 lookup = _gemv_lookup(lookup, x.dtype, m)
-                key = (n, k, split, weight.blocksize, weight.double_quant, lookup, x.dtype, bias is not None)
+                key = (n, k, split, weight.blocksize, weight.double_quant, lookup, x.dtype, bias is not None,
+                       weight.tiled)
                 kernel(key, lambda c: (triton.cdiv(n, c["BLOCK_N"]), split),
                        x2d, *_weight_args(weight), weight.byte_code, weight.code_planes, out if bias is None else bias,
                        out, m, n, k, k // 8, x2d.stride(0), out.stride(0), BLOCKSIZE=weight.blocksize,
                        DOUBLE_QUANT=weight.double_quant, OFFSET_IS_POINTER=weight.offset_is_pointer,
                        HAS_BIAS=bias is not None, SPLIT=split, M_PAD=1 if m == 1 else GEMV_M_MAX,
-                       LOOKUP=lookup, IN_REGISTERS=not interpreting())
+                       LOOKUP=lookup, IN_REGISTERS=not interpreting(), TILED=weight.tiled)
             else:
                 args = (x2d, *_weight_args(weight), out if bias is None else bias, out,
                         m, n, k, weight.row_bytes, x2d.stride(0), out.stride(0))

@@ -2,7 +2,9 @@
 
     for each 16 ROW_TILES rows of W (one program), its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
-            words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map])
+            words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map]),
+                                                                           one for both from tiled codes
+                                                                           (kernels/nf4_tiles.py Note [tiled codes])
             A       = bfloat16 pairs of the codes' values                  byte permutes (Note [pair lookup]),
                                                                            a share from a table (Note [pair table])
             for each 8 rows of x (Note [column tiles]):
@@ -172,7 +174,7 @@ import triton.language as tl
 from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
 from kernels.nf4_gemv import prmt_lookup
-from kernels.nf4_tiles import NF4Weight
+from kernels.nf4_tiles import NF4Weight, words_per_lane
 
 __all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8",
            "MMA_TABLE_CONFIGS", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX", "column_tiles"]
@@ -217,6 +219,24 @@ def _load_words(address, VEC: tl.constexpr):
         w2 = w0 * 0
         w3 = w0 * 0
     return w0, w1, w2, w3
+
+
+@triton.jit
+def _load_tiled(address, VEC: tl.constexpr):
+    """This lane's 8 VEC bytes of a band's group of tiled codes at `address` (kernels/nf4_tiles.py Note
+    [tiled codes]): VEC words of row g, then VEC of row g + 8, as two 4-tuples padded with zeros."""
+    if VEC == 1:
+        a0, b0 = tl.inline_asm_elementwise(
+            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [address],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        z = a0 * 0
+        return (a0, z, z, z), (b0, z, z, z)
+    elif VEC == 2:
+        a0, a1, b0, b1 = _load_words(address, 4)
+        z = a0 * 0
+        return (a0, a1, z, z), (b0, b1, z, z)
+    else:
+        return _load_words(address, 4), _load_words(address + 16, 4)
 
 
 @triton.jit
@@ -455,16 +475,20 @@ def _words(w_at, w8_at, VEC: tl.constexpr):
 
 
 @triton.jit
-def _fetch(w_ats, entry_ats, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr):
+def _fetch(w_ats, entry_ats, w_step, VEC: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr,
+           TILED: tl.constexpr):
     """An iteration's loads, issued one iteration ahead (Note [fetch ahead]): for each of its UNROLL
-    groups and each row tile, the words from w_ats[tile] = (w_at, w8_at) on; for each row tile, the
-    two absmax entries this lane decodes (Note [shared scales]) at entry_ats[tile]."""
-    W_BYTES: tl.constexpr = 16 * VEC
+    groups (w_step bytes apart) and each row tile, the words from w_ats[tile] = (w_at, w8_at) on (tiled
+    codes: both rows in one load from w_at); for each row tile, the two absmax entries this lane
+    decodes (Note [shared scales]) at entry_ats[tile]."""
     words = ()
     for u in tl.static_range(UNROLL):
         tiles = ()
         for r in tl.static_range(ROW_TILES):
-            tiles = tiles + (_words(w_ats[r][0] + u * W_BYTES, w_ats[r][1] + u * W_BYTES, VEC),)
+            if TILED:
+                tiles = tiles + (_load_tiled(w_ats[r][0] + u * w_step, VEC),)
+            else:
+                tiles = tiles + (_words(w_ats[r][0] + u * w_step, w_ats[r][1] + u * w_step, VEC),)
         words = words + (tiles,)
     entries = ()
     for r in tl.static_range(ROW_TILES):
@@ -569,19 +593,19 @@ def _blocks_at(j, row_blocks, first, VEC: tl.constexpr, UNROLL: tl.constexpr, RO
 
 @triton.jit
 def _fetch_at(j, w_ats, row_blocks, first, absmax_ptr, VEC: tl.constexpr, UNROLL: tl.constexpr,
-              ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """The loads of iteration j (w_ats: this lane's addresses in iteration 0)."""
+              ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr, W_BYTES: tl.constexpr, TILED: tl.constexpr):
+    """The loads of iteration j (w_ats: this lane's addresses in iteration 0; W_BYTES per group)."""
     blocks = _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
-    return _fetch(_advance(w_ats, j * (UNROLL * 16 * VEC), ROW_TILES), _advance(blocks, absmax_ptr, ROW_TILES), VEC,
-                  UNROLL, ROW_TILES)
+    return _fetch(_advance(w_ats, j * (UNROLL * W_BYTES), ROW_TILES), _advance(blocks, absmax_ptr, ROW_TILES), W_BYTES,
+                  VEC, UNROLL, ROW_TILES, TILED)
 
 
 @triton.jit
 def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: tl.constexpr, UNROLL: tl.constexpr,
-                 ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """_fetch_at(j, ...) where `valid`; elsewhere the same loads from safe_ptr (16-aligned, at least
-    UNROLL 16 VEC bytes) and absmax_ptr, whose values are dropped (Note [first loads])."""
-    w_at = _advance(w_ats, j * (UNROLL * 16 * VEC), ROW_TILES)
+                 ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr, W_BYTES: tl.constexpr, TILED: tl.constexpr):
+    """_fetch_at(j, ...) where `valid`; elsewhere the same loads, all from safe_ptr (16-aligned, at least
+    8 VEC bytes) and absmax_ptr, whose values are dropped (Note [first loads])."""
+    w_at = _advance(w_ats, j * (UNROLL * W_BYTES), ROW_TILES)
     entry_at = _advance(_blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), absmax_ptr, ROW_TILES)
     safe = safe_ptr.to(tl.int64)
     w_safe = ()
@@ -590,7 +614,7 @@ def _fetch_first(j, w_ats, row_blocks, first, absmax_ptr, safe_ptr, valid, VEC: 
         w_safe = w_safe + ((tl.where(valid, w_at[r][0], safe), tl.where(valid, w_at[r][1], safe)),)
         entry_safe = entry_safe + ((tl.where(valid, entry_at[r][0], absmax_ptr),
                                     tl.where(valid, entry_at[r][1], absmax_ptr)),)
-    return _fetch(w_safe, entry_safe, VEC, UNROLL, ROW_TILES)
+    return _fetch(w_safe, entry_safe, tl.where(valid, W_BYTES, 0), VEC, UNROLL, ROW_TILES, TILED)
 
 
 @triton.jit
@@ -632,11 +656,11 @@ def _mma_gemv_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
-    SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr, X_FRAGMENTS: tl.constexpr,
+    SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr, X_FRAGMENTS: tl.constexpr, TILED: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group (words_per_lane)
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
-    W_BYTES: tl.constexpr = 16 * VEC  # bytes of a group's row of W
+    W_BYTES: tl.constexpr = 256 * VEC if TILED else 16 * VEC  # from a group of a row (tiled: 16 rows) to the next
     X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC  # bytes of x per group
     ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per program (and per warp)
     tile = tl.program_id(0)
@@ -656,15 +680,21 @@ def _mma_gemv_kernel(
     group = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [group, group + count)
     count = tl.minimum(group + per_warp, n_groups) - group
     # Per row tile: the first blocks of rows g and g + 8, and the byte addresses of this lane's words in
-    # the current group. Rows past N read row N - 1; their sums are dropped.
+    # the current group (tiled codes, kernels/nf4_tiles.py Note [tiled codes]: those of row g, then of
+    # row g + 8, 4 VEC bytes on). Rows past N read row N - 1; their sums are dropped.
     row_blocks = ()
     w_ats = ()
     for r in tl.static_range(ROW_TILES):
         row_g = tl.minimum(tile * ROWS + 16 * r + g, N - 1)
         row_g8 = tl.minimum(tile * ROWS + 16 * r + g + 8, N - 1)
         row_blocks = row_blocks + ((row_g * (K // BLOCKSIZE), row_g8 * (K // BLOCKSIZE)),)
-        w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
-        w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
+        if TILED:  # N % 16 == 0: no row past N
+            w_at = (packed_ptr.to(tl.int64) + (tile * ROW_TILES + r).to(tl.int64) * (8 * K) + group * W_BYTES
+                    + lane * (8 * VEC))
+            w_ats = w_ats + ((w_at, w_at + 4 * VEC),)
+        else:
+            w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
+            w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
     # Column tile j: row 8 j + g of x; lanes of columns g >= M read row M - 1 (in x's rows) or padding
     # (fragment order): columns of y that are never stored.
     zeros = ()
@@ -699,18 +729,20 @@ def _mma_gemv_kernel(
     first = group + mine
     if DEPTH == 2:
         current = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
-                               ROW_TILES, BLOCKSIZE)
+                               ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
         following = _fetch_first(tl.maximum(tl.minimum(1, n_iter - 1), 0), w_ats, row_blocks, first, absmax_ptr,
-                                 code_planes_ptr, n_iter > 0, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+                                 code_planes_ptr, n_iter > 0, VEC, UNROLL, ROW_TILES, BLOCKSIZE, W_BYTES,
+                                 TILED)
     else:
         fetched = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
-                               ROW_TILES, BLOCKSIZE)
+                               ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
     if TABLE_WORDS > 0:
         _fill_table(table, lane, warp, planes, KSPLIT)
     if DEPTH == 2:
         if n_iter > 0:
             for i in range(n_iter - 2):
-                ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE)
+                ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE,
+                                  W_BYTES, TILED)
                 acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                     nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
                                     DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
@@ -735,7 +767,7 @@ def _mma_gemv_kernel(
             next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
             next_blocks = _advance(row_blocks, next_block, ROW_TILES)
             fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
-                             VEC, UNROLL, ROW_TILES)
+                             W_BYTES, VEC, UNROLL, ROW_TILES, TILED)
             acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                              planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
                              X_FRAGMENTS, X_STEP)
@@ -883,11 +915,6 @@ def untimed_config(n_rows: int, m: int = 1) -> MmaConfig:
     return config if shared_bytes(config, m) <= STATIC_SHARED_MAX else config._replace(shared_sums=False)
 
 
-def words_per_lane(blocksize: int) -> int:
-    """VEC of the kernel: 32-bit words of W per lane, row and group (Note [lane map])."""
-    return 4 if blocksize >= 128 else blocksize // 32
-
-
 def x_fragments(x2d: torch.Tensor, vec: int, m_tiles: int) -> torch.Tensor:
     """x (M, K) in fragment order (Note [x fragments]): for each group of 32 vec columns, column tile j
     and load i, 512 bytes holding lane 4 g + t's 16: x[8 j + g, 32 vec G + 8 vec t + 8 i : .. + 8].
@@ -914,9 +941,10 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
         x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS
+        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS, TILED
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments), num_warps=ksplit)
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments, weight.tiled),
+        num_warps=ksplit)
 
 
 def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
@@ -928,7 +956,7 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
     m = x2d.shape[0]
     if config is None:
         key = (column_tiles(m), weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, x2d.dtype,
-               bias is not None, x2d.device)
+               bias is not None, x2d.device, weight.tiled)
         config = choose_config(_CHOSEN, key, lambda: _timed_configs(m), lambda: untimed_config(weight.n_rows, m),
                                lambda c: _launch(x2d, weight, bias, out, c))
     elif shared_bytes(config, m) > STATIC_SHARED_MAX:

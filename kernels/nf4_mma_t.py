@@ -46,9 +46,9 @@ import triton.language as tl
 
 from kernels.direct_launch import DirectLaunch
 from kernels.launch import choose_config
-from kernels.nf4_mma import (_lane_ids, _lane_planes, _mma, _pairs, _partials_base, _scale, _shared_load,
+from kernels.nf4_mma import (_lane_ids, _lane_planes, _load_tiled, _mma, _pairs, _partials_base, _scale, _shared_load,
                              _shared_store, _shift, _shuffle)
-from kernels.nf4_tiles import NF4Weight
+from kernels.nf4_tiles import NF4Weight, code_offset
 
 __all__ = ["mma_gemv_t", "mma_t_fits", "MmaTConfig", "MMA_T_CONFIGS", "MMA_T_M_MAX"]
 
@@ -93,15 +93,50 @@ def _scaled_pair(pair, s0, s1):
 
 
 @triton.jit
-def _group_loads(n0, word_at, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t, BLOCKSIZE: tl.constexpr,
-                 M_TILES: tl.constexpr):
+def _pick(words, which, VEC: tl.constexpr):
+    """words[which] of the first VEC (1, 2 or 4) of a 4-tuple."""
+    if VEC == 1:
+        return words[0]
+    elif VEC == 2:
+        return tl.where(which == 0, words[0], words[1])
+    else:
+        low = tl.where(which == 0, words[0], words[1])
+        high = tl.where(which == 2, words[2], words[3])
+        return tl.where(which < 2, low, high)
+
+
+@triton.jit
+def tiled_pair(packed_ptr, row, byte, K, BLOCKSIZE: tl.constexpr):
+    """The 32-bit words at byte `byte` (a multiple of 4) of rows `row` and row + 8 (row % 16 < 8) from
+    tiled codes (kernels/nf4_tiles.py Note [tiled codes]): both lie in one lane's 8 VEC consecutive
+    bytes there, so one load takes both and keeps one word of each. A warp whose lanes read the same
+    rows' words so reads 64 VEC consecutive bytes per row pair, where two loads of a word each would
+    touch those sectors twice."""
+    VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words_per_lane
+    RUN: tl.constexpr = 4 * VEC
+    which = (byte % RUN) // 4
+    at = packed_ptr.to(tl.int64) + code_offset(row, byte - byte % RUN, K, BLOCKSIZE, True)
+    row_words, row8_words = _load_tiled(at, VEC)
+    return _pick(row_words, which, VEC), _pick(row8_words, which, VEC)
+
+
+@triton.jit
+def _group_loads(n0, packed_ptr, word_byte, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t,
+                 BLOCKSIZE: tl.constexpr, M_TILES: tl.constexpr, TILED: tl.constexpr):
     """The loads of rows n0 .. n0 + 15 (Note [transposed lane map]): this lane's word of its 4 rows of
-    W, the absmax entry of the row whose scale it decodes (with that row and block), and g at its
-    rows (2t, 2t+1) and (2t+8, 2t+9) for rows gid (and gid + 8) of g; even N keeps each g pair in its row."""
+    W (byte word_byte of each row, in row order or tiled: tiled_pair), the absmax entry of the row
+    whose scale it decodes (with that row and block), and g at its rows (2t, 2t+1) and (2t+8, 2t+9)
+    for rows gid (and gid + 8) of g; even N keeps each g pair in its row."""
     rows = (n0 + 2 * t, n0 + 2 * t + 1, n0 + 2 * t + 8, n0 + 2 * t + 9)
-    words = ()
-    for i in tl.static_range(4):
-        words = words + (_load_b32(word_at + tl.minimum(rows[i], N - 1).to(tl.int64) * (K // 2)),)
+    if TILED:  # n0 % 16 == 0: rows r and r + 8 of a band
+        w0, w8 = tiled_pair(packed_ptr, rows[0], word_byte, K, BLOCKSIZE)
+        w1, w9 = tiled_pair(packed_ptr, rows[1], word_byte, K, BLOCKSIZE)
+        words = (w0, w1, w8, w9)
+    else:
+        words = ()
+        for i in tl.static_range(4):
+            words = words + (_load_b32(packed_ptr.to(tl.int64) + tl.minimum(rows[i], N - 1).to(tl.int64) * (K // 2)
+                                       + word_byte),)
     row = n0 + my_offset
     block = tl.minimum(row, N - 1) * (K // BLOCKSIZE) + block_col
     g_lo = g_ptr.to(tl.int64) + tl.minimum(rows[0], N - 2) * 2
@@ -167,7 +202,7 @@ def _mma_t_kernel(
     g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_planes_ptr, out32_ptr,
     M, N, K, stride_gm, rows_per_program,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr, M_TILES: tl.constexpr,
-    WARPS: tl.constexpr,
+    WARPS: tl.constexpr, TILED: tl.constexpr,
 ):
     pid_col = tl.program_id(0)
     lane, warp = _lane_ids(pid_col)
@@ -181,7 +216,7 @@ def _mma_t_kernel(
     per_warp = tl.cdiv(tl.cdiv(rows_per_program, 16), WARPS) * 16
     first_row = tl.program_id(1) * rows_per_program + warp * per_warp
     last_row = tl.minimum(tl.minimum(first_row + per_warp, (tl.program_id(1) + 1) * rows_per_program), N)
-    word_at = packed_ptr.to(tl.int64) + first_col // 2 + gid * 4  # + row * K / 2
+    word_byte = first_col // 2 + gid * 4  # of each row
     g_m = tl.minimum(gid, M - 1).to(tl.int64) * stride_gm  # B columns: rows gid (and gid + 8) of g
     g8_m = tl.minimum(gid + 8, M - 1).to(tl.int64) * stride_gm
     # The row of this lane's scale decode: its t's rows n0 + {2t, 2t+1, 2t+8, 2t+9}, by gid % 4.
@@ -190,8 +225,8 @@ def _mma_t_kernel(
     acc = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)  # tiles 0-3: C of column tile 0 (rows of g 0-7)
     acc8 = acc  # column tile 1 (rows of g 8-15), M_TILES 2
     for n0 in range(first_row, last_row, 16):
-        loaded = _group_loads(n0, word_at, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t, BLOCKSIZE,
-                              M_TILES)
+        loaded = _group_loads(n0, packed_ptr, word_byte, g_ptr, g_m, g8_m, absmax_ptr, my_offset, block_col, N, K, t,
+                              BLOCKSIZE, M_TILES, TILED)
         acc, acc8 = _group_math(acc, acc8, loaded, nested_absmax_ptr, nested_code_ptr, shift, planes, t, N, M_TILES,
                                 DOUBLE_QUANT)
     # C of tile j: rows gid (column 8 gid + 2j of the program's) and gid + 8 (the next column) of
@@ -241,8 +276,9 @@ def _launch(g2d: torch.Tensor, weight: NF4Weight, out32: torch.Tensor, config: M
     _MMA_T(grid, (
         g2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out32, m, n, k, g2d.stride(0), rows_per_program,
-        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, M_TILES, WARPS
-        weight.blocksize, weight.double_quant, weight.offset_is_pointer, m_tiles, config.warps), num_warps=config.warps)
+        # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, M_TILES, WARPS, TILED
+        weight.blocksize, weight.double_quant, weight.offset_is_pointer, m_tiles, config.warps, weight.tiled),
+        num_warps=config.warps)
 
 
 def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None = None) -> torch.Tensor:
@@ -252,7 +288,7 @@ def mma_gemv_t(g2d: torch.Tensor, weight: NF4Weight, config: MmaTConfig | None =
     m = g2d.shape[0]
     out32 = torch.zeros((m, weight.n_cols), dtype=torch.float32, device=g2d.device)
     if config is None:
-        key = (m > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, g2d.device)
+        key = (m > 8, weight.n_rows, weight.n_cols, weight.blocksize, weight.double_quant, g2d.device, weight.tiled)
         config = choose_config(_CHOSEN, key, lambda: MMA_T_CONFIGS, lambda: MMA_T_CONFIGS[0],
                                lambda c: _launch(g2d, weight, torch.zeros_like(out32), c))
     _launch(g2d, weight, out32, config)

@@ -22,6 +22,31 @@ Note [two tile layouts]
     decodes scales per (row, block): a row's BLOCK_K elements span at most (BLOCK_K-1)//blocksize
     + 2 blocks, which are decoded once per row and picked per element with tl.where.
 
+Note [tiled codes]
+    The packed codes may also be held in the order the tensor-core kernel reads them (NF4Weight.tiled;
+    tile_codes / untile_codes convert). W is cut into bands of 16 rows and groups of 32 VEC columns
+    (16 VEC bytes per row, VEC = words_per_lane(blocksize): 1, 2 or 4); a band's group is 256 VEC
+    consecutive bytes, where lane 4 g + t of kernels/nf4_mma.py (Note [lane map]) finds its 4 VEC
+    bytes of row g, then its 4 VEC bytes of row g + 8:
+
+        byte c of row n  ->  (n // 16) 8 K + (c // 16 VEC) 256 VEC + (4 (n % 8) + c % 16 VEC // 4 VEC) 8 VEC
+                             + (n % 16 // 8) 4 VEC + c % 4 VEC                                      (code_offset)
+
+    So one load of 8 VEC bytes per lane gives a lane both rows, and a warp's load reads 256 VEC
+    consecutive bytes (4 L1 wavefronts at blocksize 64), where in row order each load touches 8 rows
+    (8 wavefronts for a quarter of the bytes). Runs of 4 VEC >= 4 bytes stay whole, so the kernels
+    that load 32-bit words of a row read them at code_offset. It needs N % 16 == 0 and K a multiple
+    of the blocksize, a multiple of 32 (tiles_fit). H100, graph replay, rows -> tiles in one run (run
+    151, benchmarks/RESULTS.md): x @ W.T at M = 1 4096 x 4096 8.0 -> 7.2 us, 14336 x 4096 19.8 -> 17.0,
+    4096 x 14336 18.3 -> 15.2, 8192 x 8192 19.8 -> 16.5, 28672 x 8192 61.4 -> 52.2 (2.45-2.88x of
+    torch's bf16 product -> 2.69-3.47x); M = 16 9.8 -> 9.3, 26.0 -> 21.7, 22.2 -> 20.0, 26.5 -> 22.3,
+    81.7 -> 68.4 (1.94-2.38x -> 2.13-2.64x); the same sums, bit-identical outputs. What it costs
+    (run 153, the same comparison): the dequantization kernel (large M) 13-22% more time on the four
+    larger shapes (kernels/nf4_dequant.py; its writes go to 16 rows at a time), and g @ W at M = 1
+    8-16% more (kernels/nf4_mma_t.py); at M = 4096 both directions stayed within the runs' spread
+    (0.85-0.95x against 0.85-0.92x). The state dict keeps bitsandbytes' row order (quant/linear.py
+    Note [tiled codes on the GPU]).
+
 Note [code lookup]
     The 16-value code (NF4 or FP4) is gathered with tl.load from the 64-byte float32 table in
     global memory. A warp's 32 lookups fall in one 128-byte line, so they cost one L1 wavefront,
@@ -45,7 +70,8 @@ import triton.language as tl
 
 from kernels.reference import NESTED_BLOCKSIZE
 
-__all__ = ["NF4Weight", "nf4_weight", "rows_hold_whole_blocks", "block_scale", "split_range", "nibble_shifts", "nf4_tile",
+__all__ = ["NF4Weight", "nf4_weight", "rows_hold_whole_blocks", "words_per_lane", "tiles_fit", "tile_codes",
+           "untile_codes", "code_offset", "block_scale", "split_range", "nibble_shifts", "nf4_tile",
            "store_output", "interpreting", "on_device"]
 
 _NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
@@ -74,6 +100,55 @@ def rows_hold_whole_blocks(n_cols: int, blocksize: int) -> bool:
     return n_cols % max(blocksize, 8) == 0
 
 
+def words_per_lane(blocksize: int) -> int:
+    """VEC: 32-bit words of W per lane, row and group of the tensor-core kernel (kernels/nf4_mma.py
+    Note [lane map]), which also sets the tiled layout (Note [tiled codes])."""
+    return 4 if blocksize >= 128 else blocksize // 32
+
+
+def tiles_fit(n_rows: int, n_cols: int, blocksize: int) -> bool:
+    """Whether W (n_rows, n_cols) can hold its codes tiled (Note [tiled codes])."""
+    return blocksize % 32 == 0 and n_cols % blocksize == 0 and n_rows % 16 == 0
+
+
+def _tile_view(n_rows: int, n_cols: int, blocksize: int) -> tuple[int, ...]:
+    """Row-order bytes as (band, half, g, group, t, run): row 16 band + 8 half + g, byte 16 VEC group
+    + 4 VEC t + run."""
+    if not tiles_fit(n_rows, n_cols, blocksize):
+        raise ValueError(f"tiled codes need N % 16 == 0 and K a multiple of the blocksize (a multiple of 32), "
+                         f"got W of shape {(n_rows, n_cols)} at blocksize {blocksize}")
+    vec = words_per_lane(blocksize)
+    return n_rows // 16, 2, 8, n_cols // (32 * vec), 4, 4 * vec
+
+
+def tile_codes(packed: torch.Tensor, n_rows: int, n_cols: int, blocksize: int) -> torch.Tensor:
+    """Packed codes of W (n_rows, n_cols) in row order -> tiled (Note [tiled codes]), a new (N K / 2,) tensor."""
+    view = packed.reshape(_tile_view(n_rows, n_cols, blocksize))  # band, half, g, group, t, run
+    return view.permute(0, 3, 2, 4, 1, 5).contiguous().view(-1)  # band, group, g, t, half, run
+
+
+def untile_codes(tiled: torch.Tensor, n_rows: int, n_cols: int, blocksize: int) -> torch.Tensor:
+    """The inverse of tile_codes: row order, a new (N K / 2,) tensor."""
+    band, half, g, group, t, run = _tile_view(n_rows, n_cols, blocksize)
+    view = tiled.reshape(band, group, g, t, half, run)
+    return view.permute(0, 4, 2, 1, 3, 5).contiguous().view(-1)
+
+
+@triton.jit
+def code_offset(row, byte, K, BLOCKSIZE: tl.constexpr, TILED: tl.constexpr):
+    """int64 offset of byte `byte` of row `row` of the packed codes (rows hold whole blocks, K even):
+    row order, or tiled (Note [tiled codes]); tensors or scalars."""
+    if TILED:
+        VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words_per_lane
+        RUN: tl.constexpr = 4 * VEC
+        in_band = row % 16
+        lane = 4 * (in_band % 8) + (byte % (4 * RUN)) // RUN
+        return ((row // 16).to(tl.int64) * (8 * K) + (byte // (4 * RUN)).to(tl.int64) * (64 * RUN)
+                + lane * (2 * RUN) + (in_band // 8) * RUN + byte % RUN)
+    else:
+        return row.to(tl.int64) * (K // 2) + byte
+
+
 @dataclass(frozen=True)
 class NF4Weight:
     """(packed, state) checked once and laid out as kernel arguments."""
@@ -91,6 +166,7 @@ class NF4Weight:
     code_planes: torch.Tensor    # int32 (24, 32): byte planes of `code` as float16, as filled bfloat16, as bfloat16
                                  # (kernels/nf4_gemv.py Note [prmt lookup], kernels/nf4_mma.py Note [pair
                                  # lookup]), one copy per lane
+    tiled: bool = False          # packed holds the codes tiled (Note [tiled codes]), else in row order
 
     @property
     def offset_is_pointer(self) -> bool:
@@ -119,9 +195,10 @@ def _check_device(tensor: torch.Tensor, name: str, device: torch.device) -> None
         raise ValueError(f"NF4 weight: {name} is on {tensor.device}, the input is on {device}")
 
 
-def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
+def nf4_weight(packed: torch.Tensor, state, device: torch.device, tiled: bool = False) -> NF4Weight:
     """Check `packed` and `state` against each other and `device`; one clear error names the field.
-    A `state` that is already an NF4Weight (from kernels.prepare) is returned as it is."""
+    tiled: `packed` holds the codes tiled (Note [tiled codes]). A `state` that is already an NF4Weight
+    (from kernels.prepare) is returned as it is."""
     if isinstance(state, NF4Weight):
         return state
     try:
@@ -168,11 +245,14 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device) -> NF4Weight:
     else:
         absmax = absmax.reshape(-1).float().contiguous()
         nested_absmax, nested_code, offset = absmax, code, 0.0
+    if tiled and not tiles_fit(n_rows, n_cols, blocksize):
+        raise ValueError(f"NF4 weight: tiled codes need N % 16 == 0 and K a multiple of the blocksize (a "
+                         f"multiple of 32), got state.shape {(n_rows, n_cols)} at blocksize {blocksize}")
     byte_code, code_planes = _code_tables(code)
     return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,
                      blocksize=blocksize, double_quant=double_quant, byte_code=byte_code,
-                     code_planes=code_planes)
+                     code_planes=code_planes, tiled=tiled)
 
 
 # Tables derived from a code tensor, by (device, address, version): (code, byte_code, code_planes).
@@ -255,8 +335,9 @@ def nibble_shifts():
 def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
              offs_n, k0, N, K, row_bytes,
              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, OFFSET_IS_POINTER: tl.constexpr,
-             WHOLE_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[offs_n, k0 : k0 + BLOCK_K] in float32, (BLOCK_N, BLOCK_K); k0 is a multiple of BLOCK_K.
+             WHOLE_BLOCKS: tl.constexpr, TILED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0 : k0 + BLOCK_K] in float32, (BLOCK_N, BLOCK_K); k0 is a multiple of BLOCK_K. TILED:
+    the codes are tiled (Note [tiled codes]; whole blocks only).
 
     Entries outside W are finite (not zero): callers multiply them by zeros of a masked operand.
     See Note [two tile layouts] and Note [code lookup]."""
@@ -265,9 +346,13 @@ def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         WORDS: tl.constexpr = BLOCK_K // 8  # 8 codes per 32-bit word
         row_words = row_bytes // 4
         offs_word = k0 // 8 + tl.arange(0, WORDS)  # (BLOCK_K/8,)
-        rows = packed_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64) * row_words  # (BLOCK_N,)
+        words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+        if TILED:
+            at = words_ptr + code_offset(offs_n[:, None], 4 * offs_word[None, :], K, BLOCKSIZE, TILED) // 4
+        else:
+            at = words_ptr + offs_n.to(tl.int64)[:, None] * row_words + offs_word[None, :]  # (BLOCK_N, BLOCK_K/8)
         mask = row_in[:, None] & (offs_word < row_words)[None, :]
-        words = tl.load(rows[:, None] + offs_word[None, :], mask=mask, other=0)  # (BLOCK_N, BLOCK_K/8)
+        words = tl.load(at, mask=mask, other=0)  # (BLOCK_N, BLOCK_K/8)
         nibbles = tl.reshape((words[:, :, None] >> nibble_shifts()[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
         values = tl.load(code_ptr + nibbles)  # (BLOCK_N, BLOCK_K)
         blocks_per_row = K // BLOCKSIZE

@@ -51,7 +51,8 @@ def _compile_all() -> list[dict]:
 
     weight = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, nested_absmax_ptr=torch.float32,
                   nested_code_ptr=torch.float32, offset=torch.float32, code_ptr=torch.float32)
-    fmt = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, OFFSET_IS_POINTER=True)
+    fmt = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, OFFSET_IS_POINTER=True, TILED=False)
+    tiled = dict(fmt, TILED=True)  # kernels/nf4_tiles.py Note [tiled codes]
     sizes = dict(M=4096, N=4096, K=4096, row_bytes=2048, row_words=512, M_BUCKET=4096, stride_xm=4096, stride_gm=4096,
                  stride_om=4096)
     results = []
@@ -62,8 +63,20 @@ def _compile_all() -> list[dict]:
         except Exception as error:  # reported by the test with the label
             results.append({"label": label, "error": f"{type(error).__name__}: {str(error)[:400]}"})
 
-    run("dequantize", nf4_dequant._dequantize_kernel.fn,
-        dict(weight, out_ptr=torch.bfloat16, numel=4096 * 4096, nbytes=4096 * 2048, nblocks=4096 * 64), fmt, nf4_dequant._CONFIGS[0])
+    for layout in (fmt, tiled):
+        run(f"dequantize tiled={layout['TILED']}", nf4_dequant._dequantize_kernel.fn,
+            dict(weight, out_ptr=torch.bfloat16, numel=4096 * 4096, nbytes=4096 * 2048, nblocks=4096 * 64, K=4096),
+            layout, nf4_dequant._CONFIGS[0])
+    run("gemv M_PAD=1 prmt tiled", nf4_gemv._gemv_kernel,
+        dict(x_ptr=torch.bfloat16, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32,
+             bias_ptr=torch.bfloat16, out_ptr=torch.bfloat16, **sizes),
+        dict(tiled, HAS_BIAS=True, SPLIT=1, M_PAD=1, LOOKUP="prmt", IN_REGISTERS=True), nf4_gemv._FMA_CONFIGS[0])
+    run("x @ W.T small-M tiled", nf4_matmul._matmul_kernel,
+        dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=torch.bfloat16, **sizes),
+        dict(tiled, WHOLE_BLOCKS=True, HAS_BIAS=True, SPLIT=1, DOT_PRECISION="tf32"), nf4_matmul._SMALL_M_CONFIGS[0])
+    run("g @ W large-M tiled", nf4_matmul._matmul_t_kernel, dict(g_ptr=torch.bfloat16, **weight, out_ptr=torch.bfloat16,
+                                                                 **sizes),
+        dict(tiled, WHOLE_BLOCKS=True, SPLIT=1, DOT_PRECISION="tf32"), nf4_matmul._LARGE_M_T_CONFIGS[0])
     for whole in (True, False):
         layout = dict(fmt, WHOLE_BLOCKS=whole)
         for split in (1, 2):
@@ -95,30 +108,33 @@ def _compile_all() -> list[dict]:
                     nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
                     code_planes_ptr=torch.int32, bias_ptr=torch.bfloat16, scratch_ptr=torch.float32,
                     out_ptr=torch.bfloat16, M=16, N=4096, K=4096, stride_xm=4096, stride_om=4096)
-    for blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums, table in (
+    for i, (blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums, table) in enumerate((
             (64, 1, 2, False, True, 1, True, 0), (64, 2, 4, False, True, 1, False, 2),
             (32, 2, 2, True, True, 2, True, 4), (256, 1, 4, False, False, 1, True, 1),
             (64, 1, 4, False, True, 2, False, 3), (64, 4, 4, False, True, 1, True, 0),
-            (64, 8, 2, True, True, 1, False, 0)):
+            (64, 8, 2, True, True, 1, False, 0))):
         dtype = torch.float16 if float16 else torch.bfloat16
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
                           HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll,
                           ROW_TILES=1 + (blocksize == 64 and m_tiles == 2 and unroll == 4), DEPTH=depth,
-                          SHARED_SUMS=shared_sums, TABLE_QUARTERS=table, X_FRAGMENTS=m_tiles > 4)
+                          SHARED_SUMS=shared_sums, TABLE_QUARTERS=table, X_FRAGMENTS=m_tiles > 4, TILED=i % 2 == 0)
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
         run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} ROW_TILES={constexprs['ROW_TILES']} "
-            f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} X_FRAGMENTS={m_tiles > 4} {dtype}",
+            f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} X_FRAGMENTS={m_tiles > 4} "
+            f"TILED={i % 2 == 0} {dtype}",
             nf4_mma._mma_gemv_kernel,
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
             triton.Config({}, num_warps=4, num_stages=1))
-    for m_tiles, blocksize, double_quant, warps in ((1, 64, True, 4), (2, 128, False, 8), (2, 64, True, 4)):
+    for m_tiles, blocksize, double_quant, warps, tiled_codes in ((1, 64, True, 4, False), (2, 128, False, 8, True),
+                                                                 (2, 64, True, 4, True)):
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
-                          M_TILES=m_tiles, WARPS=warps)
+                          M_TILES=m_tiles, WARPS=warps, TILED=tiled_codes)
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
-        run(f"mma g @ W blocksize={blocksize} M_TILES={m_tiles} WARPS={warps}", nf4_mma_t._mma_t_kernel,
+        run(f"mma g @ W blocksize={blocksize} M_TILES={m_tiles} WARPS={warps} TILED={tiled_codes}",
+            nf4_mma_t._mma_t_kernel,
             dict(g_ptr=torch.bfloat16, packed_ptr=torch.uint8,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32, nested_absmax_ptr=torch.float32,
                  nested_code_ptr=torch.float32, offset=torch.float32, code_planes_ptr=torch.int32,
@@ -127,19 +143,20 @@ def _compile_all() -> list[dict]:
     for i, config in enumerate(nf4_lowrank._CONFIGS):  # every config; float16 / float32 and blocksize 256 once
         dtype, blocksize = ((torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 64),
                             (torch.bfloat16, 32))[i % 4]
-        run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize}", nf4_lowrank._lowrank_kernel.fn,
+        run(f"W + s B A {config.kwargs} {dtype} blocksize={blocksize} tiled={i == 0}", nf4_lowrank._lowrank_kernel.fn,
             dict(weight, b_ptr=torch.float32, a_ptr=torch.float32, out_ptr=dtype, N=4096, K=4096, R=16, scaling=2.0),
-            dict(fmt, BLOCKSIZE=blocksize, R_PAD=16, DOT_FP32=dtype == torch.float32), config)
+            dict(fmt, BLOCKSIZE=blocksize, R_PAD=16, DOT_FP32=dtype == torch.float32, TILED=i == 0), config)
     for quads, warps, rank, dtype, double_quant, row_blocks in (
             (1, 8, 16, torch.bfloat16, True, True), (2, 4, 16, torch.bfloat16, True, True),
             (2, 4, 7, torch.float16, False, False), (1, 4, 64, torch.bfloat16, True, False)):
         chunks = -(-rank // 16)
         run(f"W + s B A per lane QUADS={quads} WARPS={warps} rank={rank} {dtype} double_quant={double_quant} "
-            f"ROW_BLOCKS={row_blocks}", nf4_lowrank_mma._lowrank_mma_kernel,
+            f"ROW_BLOCKS={row_blocks} TILED={quads == 2}", nf4_lowrank_mma._lowrank_mma_kernel,
             dict(weight, absmax_ptr=torch.uint8 if double_quant else torch.float32, b_ptr=dtype, a_ptr=dtype,
                  out_ptr=dtype, N=4096, K=4096, R=rank, scaling=2.0, rows_per_program=16 * warps * 4),
             dict(fmt, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant, FLOAT16=dtype == torch.float16,
-                 QUADS=quads, R_CHUNKS=chunks, EVEN_R=rank % 2 == 0, ROW_BLOCKS=row_blocks, WARPS=warps),
+                 QUADS=quads, R_CHUNKS=chunks, EVEN_R=rank % 2 == 0, ROW_BLOCKS=row_blocks, WARPS=warps,
+                 TILED=quads == 2),
             triton.Config({}, num_warps=warps, num_stages=1))
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
@@ -171,7 +188,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 55
+    assert len(results) == 59
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -11,6 +11,9 @@ full-precision weight as soon as that layer is replaced, so (unless the caller h
 references) at most one full-precision layer beyond the 4-bit ones is alive at any time. A model
 on the `meta` device gets unfilled `Linear4bit`s of the right shapes, ready for
 `load_state_dict(..., assign=True)` with a bitsandbytes-format state dict.
+
+`quant.tile_codes(model)` then lets the layers on a GPU hold their codes in the kernels' fastest
+order (quant/linear.py Note [tiled codes on the GPU]).
 """
 from typing import Sequence
 
@@ -20,7 +23,7 @@ import torch.nn as nn
 from .linear import Linear4bit
 from .nf4 import check_blocksize, check_quant_type
 
-__all__ = ["quantize"]
+__all__ = ["quantize", "tile_codes"]
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
@@ -67,3 +70,10 @@ def quantize(
         setattr(parent, child_name, done[id(linear)])
         del linear  # the full-precision weight goes with the old module
     return model
+
+
+def tile_codes(model: nn.Module, enabled: bool = True) -> int:
+    """Every `Linear4bit` of `model` holds its packed codes in the kernels' tile order while on a GPU
+    (or in rows again with enabled=False): quant/linear.py Note [tiled codes on the GPU]. Returns
+    how many layers hold them tiled now."""
+    return sum(layer.tile_codes(enabled) for layer in model.modules() if isinstance(layer, Linear4bit))

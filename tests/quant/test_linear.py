@@ -349,3 +349,12 @@ def test_bitsandbytes_reads_our_state_dict_and_we_read_theirs(double_quant):
     fresh = quant.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16)
     fresh.load_state_dict(their_sd)
     assert torch.equal(fresh.dequantize(), bnb_f.dequantize_4bit(packed, state))
+
+
+def test_tile_codes_is_a_no_op_off_the_gpu():
+    """quant/linear.py Note [tiled codes on the GPU]: on the CPU the codes stay in bitsandbytes' rows."""
+    layer = quant.Linear4bit(64, 32)
+    codes = layer.weight.detach().clone()
+    assert layer.tile_codes() is False and not layer.codes_tiled
+    assert torch.equal(layer.weight, codes) and layer.row_codes() is layer.weight
+    assert quant.tile_codes(torch.nn.Sequential(layer)) == 0

@@ -30,3 +30,35 @@ def test_cuda_forward_and_backward_match_the_reference(m, shape, dtype):
     assert err < 1e-2, err
     assert torch.equal(layer.dequantize(torch.float32), w_ref) or torch.allclose(
         layer.dequantize(dtype).float(), w_ref.to(dtype).float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_tiled_codes_compute_the_same_and_save_rows(m):
+    """quant/linear.py Note [tiled codes on the GPU]: the same outputs and gradients bit for bit, the
+    same state dict, rows again off the GPU, and the choice kept across a load."""
+    weight = torch.randn(256, 320, device="cuda") * 0.05
+    rows = quant.Linear4bit.from_weight(weight, torch.randn(256, device="cuda"))
+    tiled = quant.Linear4bit.from_weight(weight, rows.bias.detach().clone())
+    codes = rows.weight.detach().clone()
+    assert tiled.tile_codes() and tiled.codes_tiled and not torch.equal(tiled.weight, codes)
+    assert torch.equal(tiled.row_codes(), codes)
+    x = torch.randn(m, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for layer in (rows, tiled):
+        y = layer(x)
+        y.float().square().sum().backward()
+        layer.out, layer.grad = y.detach(), x.grad.clone()
+        x.grad = None
+    assert torch.equal(tiled.out, rows.out) and torch.equal(tiled.grad, rows.grad)
+    assert torch.equal(tiled.dequantize(torch.float32), rows.dequantize(torch.float32))  # the reference path
+    state = tiled.state_dict()
+    assert all(torch.equal(value, rows.state_dict()[key]) for key, value in state.items())
+    tiled.load_state_dict(state)
+    assert tiled.codes_tiled and torch.equal(tiled.row_codes(), codes)
+    tiled.cpu()
+    assert not tiled.codes_tiled and torch.equal(tiled.weight, codes.cpu())
+    tiled.cuda()
+    assert tiled.codes_tiled and torch.equal(tiled(x), rows(x))
+    assert not tiled.tile_codes(False) and torch.equal(tiled.weight, codes)
+    model = torch.nn.Sequential(rows, quant.Linear4bit(320, 250, device="cuda"))  # 250 rows do not tile
+    assert quant.tile_codes(model) == 1 and rows.codes_tiled

@@ -5,7 +5,9 @@
 For each W of N x K and each M (rows of x), bf16 throughout, the median time over many runs
 (triton.testing.do_bench, which clears L2 before every run, so small M streams W from HBM):
     torch   x @ W.T on the bf16 weight (cuBLAS)
-    ours    kernels.matmul_nf4 (what quant.Linear4bit calls: dispatch by M)
+    ours    kernels.matmul_nf4 (what quant.Linear4bit calls: dispatch by M), on the codes in the
+            kernels' tile order (--layout tiles, the default: kernels/nf4_tiles.py Note [tiled codes],
+            what quant.tile_codes gives a model) or in bitsandbytes' row order (--layout rows)
     gemv    the CUDA-core GEMV (M <= 16), small (tensor-core tiles with BLOCK_M = 16, M <= 64),
     fused (large tensor-core tiles, W in registers), dequant (W to a bf16 scratch buffer, then
     cuBLAS): every strategy at every M, to set the dispatch constants of kernels/nf4_matmul.py
@@ -207,6 +209,9 @@ def main() -> int:
                         help="time every implementation by CUDA-graph replay (GPU time only) instead of do_bench")
     parser.add_argument("--dispatch-only", action="store_true",
                         help="time torch, ours (the dispatch) and bitsandbytes only, not each strategy")
+    parser.add_argument("--layout", choices=("tiles", "rows"), default="tiles",
+                        help="our packed codes in the kernels' tile order (kernels/nf4_tiles.py Note [tiled codes], "
+                             "as quant.tile_codes makes them) or in bitsandbytes' row order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -220,7 +225,8 @@ def main() -> int:
     bnb = _bitsandbytes()
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}; NF4 + double quant, "
-              f"blocksize {BLOCKSIZE}, bf16; timing: {'CUDA-graph replay' if args.graphed else 'do_bench'}; dispatch: "
+              f"blocksize {BLOCKSIZE}, bf16, our codes in {args.layout}; "
+              f"timing: {'CUDA-graph replay' if args.graphed else 'do_bench'}; dispatch: "
               f"SMALL_M_MAX={nf4_matmul.SMALL_M_MAX}, LARGE_M_STRATEGY={nf4_matmul.LARGE_M_STRATEGY!r}, "
               f"LARGE_M_STRATEGY_T={nf4_matmul.LARGE_M_STRATEGY_T!r}")
     print(header)
@@ -228,12 +234,14 @@ def main() -> int:
     failures: list[str] = []
     forward_rows, backward_rows, dequant_rows, floor_rows = [], [], [], []
     for n_rows, n_cols in shapes:
-        packed, raw_state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
-        state = kernels.prepare(packed, raw_state)  # checked once, as quant.Linear4bit keeps it
+        bnb_packed, raw_state, bnb_state = random_nf4_weight(n_rows, n_cols, bnb)
+        tiled = args.layout == "tiles"
+        packed = kernels.tile_codes(bnb_packed, raw_state) if tiled else bnb_packed  # ours; bitsandbytes' in rows
+        state = kernels.prepare(packed, raw_state, tiled=tiled)  # checked once, as quant.Linear4bit keeps it
         w = dequantize_nf4(packed, state, torch.bfloat16)  # (N, K), the torch baseline's weight
         wbytes = weight_bytes(raw_state)
         if args.check:
-            same = torch.equal(w, reference.dequantize_nf4(packed, raw_state, torch.bfloat16))
+            same = torch.equal(w, reference.dequantize_nf4(bnb_packed, raw_state, torch.bfloat16))
             print(f"  check dequantize {n_rows}x{n_cols}: {'bit-exact' if same else 'FAIL'}")
             if not same:
                 failures.append(f"dequantize {n_rows}x{n_cols}")
@@ -250,7 +258,8 @@ def main() -> int:
                 "small": (lambda: nf4_matmul.matmul_nf4_small_m(x, packed, state)) if m <= SMALL_PATH_MAX_ROWS else None,
                 "fused": lambda: nf4_matmul.matmul_nf4_fused(x, packed, state),
                 "dequant": lambda: nf4_matmul.matmul_nf4_dequantize(x, packed, state),
-                "bnb": (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)) if bnb_state is not None else None,
+                "bnb": (lambda: bnb.matmul_4bit(x, bnb_packed.t(), quant_state=bnb_state)) if bnb_state is not None
+                else None,
             }
             times, speedup = measure(runs, (x, w.T) if args.check else None, f"{n_rows}x{n_cols} M={m}", args.graphed,
                                      args.dispatch_only, failures)
@@ -275,7 +284,8 @@ def main() -> int:
                 "fused": (lambda: nf4_matmul.matmul_nf4_t_fused(g, packed, state)) if m > SMALL_PATH_MAX_ROWS else None,
                 "dequant": lambda: nf4_matmul.matmul_nf4_t_dequantize(g, packed, state),
                 # bitsandbytes' backward of matmul_4bit: W dequantized, then a matmul
-                "bnb": (lambda: g @ bnb.functional.dequantize_4bit(packed, bnb_state)) if bnb_state is not None else None,
+                "bnb": (lambda: g @ bnb.functional.dequantize_4bit(bnb_packed, bnb_state)) if bnb_state is not None
+                else None,
             }
             times, speedup = measure(runs, (g, w) if args.check else None, f"g@W {n_rows}x{n_cols} M={m}",
                                      args.graphed, args.dispatch_only, failures)
@@ -286,7 +296,7 @@ def main() -> int:
                     f"{fmt(times['bnb'])} | {fmt(speedup['bnb'], '.2f')} | {rate} |")
             print(line, flush=True)
             backward_rows.append(line)
-        del packed, state, bnb_state, w
+        del packed, bnb_packed, state, bnb_state, w
         torch.cuda.empty_cache()
 
     report = "\n".join([

@@ -78,10 +78,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def layers(n_rows: int, n_cols: int) -> tuple[LoRALinear, LoRALinear]:
-    """(LoRA over bf16 nn.Linear, LoRA over Linear4bit): the same W numbers, the same adapters."""
+def layers(n_rows: int, n_cols: int, tiled: bool = False) -> tuple[LoRALinear, LoRALinear]:
+    """(LoRA over bf16 nn.Linear, LoRA over Linear4bit): the same W numbers, the same adapters; tiled:
+    the 4-bit codes in the kernels' tile order (quant/linear.py Note [tiled codes on the GPU])."""
     weight = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16) * 0.02
     base4 = quant.Linear4bit.from_weight(weight, compute_dtype=torch.bfloat16)
+    base4.tile_codes(tiled)
     base16 = nn.Linear(n_cols, n_rows, bias=False, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         base16.weight.copy_(base4.dequantize(torch.bfloat16))
@@ -103,18 +105,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare outputs and gradients with the bf16 layer")
     parser.add_argument("--rows", type=int, default=4096, help="M, rows of x (default 4096)")
+    parser.add_argument("--tiled", action="store_true", help="the 4-bit codes in the kernels' tile order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-              f"LoRA r={RANK}, alpha={ALPHA}, bf16, M={args.rows}, forward + backward (dx, dA, dB)")
+              f"LoRA r={RANK}, alpha={ALPHA}, bf16, M={args.rows}, forward + backward (dx, dA, dB), "
+              f"codes {'tiled' if args.tiled else 'in rows'}")
     print(header)
     torch.manual_seed(0)
     failures, lines = [], []
     m = args.rows
     for n_rows, n_cols in SHAPES:
-        layer16, layer4 = layers(n_rows, n_cols)
+        layer16, layer4 = layers(n_rows, n_cols, args.tiled)
         x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad_y = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
         weight16 = layer16.base_layer.weight

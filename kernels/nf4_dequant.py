@@ -11,10 +11,11 @@ The weight is treated as its flat row-major array; each program expands BYTES pa
 
 With tiled codes (kernels/nf4_tiles.py Note [tiled codes]) a program reads BYTES consecutive tiled
 bytes instead, by sets of 32 VEC bytes (a group's columns of two rows, one block each) and writes
-the values where they belong in W: two scale decodes per set. (Gathering the row-order bytes from
-their tiled offsets instead took twice the time: H100, run 150, 4096 x 4096 41.0 against 20.4 us;
-by sets with the output offsets of every value computed apart, so stores of single values: 9-16%
-more, runs 151 and 152.)
+the values where they belong in W: two scale decodes per set. H100, do_bench: 13-22% more time
+than the row-order kernel on the four larger benchmark shapes (run 153), as two earlier versions
+(a scale decode per lane's run, output offsets per value; runs 151-152) within 3%; gathering the
+row-order bytes from their tiled offsets instead took twice the time (run 150, 4096 x 4096 41.0
+against 20.4 us).
 
 BYTES is a power of two, so a program covers whole blocks (2*BYTES >= blocksize) or lies inside
 one block. The result equals kernels.reference.dequantize_nf4 bit for bit: the kernel is launched

@@ -11,11 +11,12 @@ The weight is treated as its flat row-major array; each program expands BYTES pa
 
 With tiled codes (kernels/nf4_tiles.py Note [tiled codes]) a program reads BYTES consecutive tiled
 bytes instead, by sets of 32 VEC bytes (a group's columns of two rows, one block each) and writes
-the values where they belong in W: two scale decodes per set. H100, do_bench: 13-22% more time
-than the row-order kernel on the four larger benchmark shapes (run 153), as two earlier versions
-(a scale decode per lane's run, output offsets per value; runs 151-152) within 3%; gathering the
-row-order bytes from their tiled offsets instead took twice the time (run 150, 4096 x 4096 41.0
-against 20.4 us).
+the values where they belong in W: two scale decodes per set. Its index arithmetic stays in 32
+bits (the band of a set is a division by a run-time K): H100, do_bench, 3-6% more time than the
+row-order kernel on the four larger benchmark shapes and 3% less on 4096 x 4096 (run 155), where
+the same code in 64 bits (440 SASS instructions per program against 320, and 240 in row order)
+took 13-22% more (run 153, as two earlier versions within 3%); gathering the row-order bytes from
+their tiled offsets instead took twice the time (run 150, 4096 x 4096 41.0 against 20.4 us).
 
 BYTES is a power of two, so a program covers whole blocks (2*BYTES >= blocksize) or lies inside
 one block. The result equals kernels.reference.dequantize_nf4 bit for bit: the kernel is launched
@@ -49,11 +50,11 @@ def _dequantize_kernel(
     BYTES: tl.constexpr,
 ):
     ELEMENTS: tl.constexpr = 2 * BYTES
-    pid = tl.program_id(0).to(tl.int64)
     if TILED:
-        _dequantize_tiled(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, out_ptr, pid,
-                          nbytes, nblocks, K, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, BYTES)
+        _dequantize_tiled(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, out_ptr,
+                          tl.program_id(0), nbytes, nblocks, K, BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, BYTES)
         return
+    pid = tl.program_id(0).to(tl.int64)
     offs_byte = pid * BYTES + tl.arange(0, BYTES)  # (BYTES,)
     bytes_ = tl.load(packed_ptr + offs_byte, mask=offs_byte < nbytes, other=0)
     nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (ELEMENTS,))  # element 2j+t
@@ -84,10 +85,10 @@ def _dequantize_tiled(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     RUN: tl.constexpr = 4 * VEC  # bytes of one row per lane
     SET: tl.constexpr = 8 * RUN
     SETS: tl.constexpr = max(BYTES, SET) // SET
-    sets = pid * SETS + tl.arange(0, SETS)  # (SETS,)
+    sets = pid * SETS + tl.arange(0, SETS)  # (SETS,) int32: the set's index and band arithmetic stay 32-bit
     valid = sets < nbytes // SET
     run = tl.arange(0, 8)  # 2 t + h: lane 4 g + t, row g + 8 h
-    at_run = sets[:, None] * SET + run[None, :] * RUN  # (SETS, 8)
+    at_run = sets.to(tl.int64)[:, None] * SET + run[None, :] * RUN  # (SETS, 8)
     bytes_ = tl.load(packed_ptr + at_run[:, :, None] + tl.arange(0, RUN)[None, None, :], mask=valid[:, None, None],
                      other=0)  # (SETS, 8, RUN)
     nibbles = tl.reshape(tl.join(bytes_ >> 4, bytes_ & 0xF), (SETS, 8, 2 * RUN))  # element 2j+t of the run
@@ -95,7 +96,7 @@ def _dequantize_tiled(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     per_band = K // (4 * VEC)  # sets in a band: 8 K bytes
     band = sets // per_band
     group = (sets % per_band) // 8
-    first = (16 * band + sets % 8) * K + group * (32 * VEC)  # (SETS,) row g's first element in the group
+    first = (16 * band + sets % 8).to(tl.int64) * K + group * (32 * VEC)  # (SETS,) row g's first element in its group
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, first // BLOCKSIZE, valid,
                         DOUBLE_QUANT, OFFSET_IS_POINTER)  # 32 VEC <= blocksize columns: one block
     scale8 = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, (first + 8 * K) // BLOCKSIZE,

@@ -196,7 +196,7 @@ def _tile_loads(n0, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKS
     for q in tl.static_range(QUADS):
         col = tl.minimum(col0 + 32 * q, K - 32) + 8 * t
         if TILED:  # n0 % 16 == 0 and N % 16 == 0: row g8 = row g + 8 of the same band
-            words = words + (tiled_pair(packed_ptr, row_g, col >> 1, K, BLOCKSIZE),)
+            words = words + (tiled_pair(packed_ptr, n0, g, col >> 1, K, BLOCKSIZE),)
         else:
             words = words + ((_load_b32(codes + row_g.to(tl.int64) * (K >> 1) + (col >> 1)),
                               _load_b32(codes + row_g8.to(tl.int64) * (K >> 1) + (col >> 1))),)

@@ -106,16 +106,18 @@ def _pick(words, which, VEC: tl.constexpr):
 
 
 @triton.jit
-def tiled_pair(packed_ptr, row, byte, K, BLOCKSIZE: tl.constexpr):
-    """The 32-bit words at byte `byte` (a multiple of 4) of rows `row` and row + 8 (row % 16 < 8) from
-    tiled codes (kernels/nf4_tiles.py Note [tiled codes]): both lie in one lane's 8 VEC consecutive
-    bytes there, so one load takes both and keeps one word of each. A warp whose lanes read the same
-    rows' words so reads 64 VEC consecutive bytes per row pair, where two loads of a word each would
-    touch those sectors twice."""
+def tiled_pair(packed_ptr, band, row, byte, K, BLOCKSIZE: tl.constexpr):
+    """The 32-bit words at byte `byte` (a multiple of 4) of rows `row` and row + 8 of the 16-row band
+    starting at row `band` (row < 8) from tiled codes (kernels/nf4_tiles.py Note [tiled codes]): both
+    lie in one lane's 8 VEC consecutive bytes there, so one load takes both and keeps one word of
+    each. A warp whose lanes read the same rows' words so reads 64 VEC consecutive bytes per row pair,
+    where two loads of a word each would touch those sectors twice. The offset within the band
+    depends on the lane alone: loops over bands add band K / 2."""
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words_per_lane
     RUN: tl.constexpr = 4 * VEC
     which = (byte % RUN) // 4
-    at = packed_ptr.to(tl.int64) + code_offset(row, byte - byte % RUN, K, BLOCKSIZE, True)
+    at = (packed_ptr.to(tl.int64) + band.to(tl.int64) * (K // 2)
+          + code_offset(row, byte - byte % RUN, K, BLOCKSIZE, True))
     row_words, row8_words = _load_tiled(at, VEC)
     return _pick(row_words, which, VEC), _pick(row8_words, which, VEC)
 
@@ -129,8 +131,8 @@ def _group_loads(n0, packed_ptr, word_byte, g_ptr, g_m, g8_m, absmax_ptr, my_off
     for rows gid (and gid + 8) of g; even N keeps each g pair in its row."""
     rows = (n0 + 2 * t, n0 + 2 * t + 1, n0 + 2 * t + 8, n0 + 2 * t + 9)
     if TILED:  # n0 % 16 == 0: rows r and r + 8 of a band
-        w0, w8 = tiled_pair(packed_ptr, rows[0], word_byte, K, BLOCKSIZE)
-        w1, w9 = tiled_pair(packed_ptr, rows[1], word_byte, K, BLOCKSIZE)
+        w0, w8 = tiled_pair(packed_ptr, n0, 2 * t, word_byte, K, BLOCKSIZE)
+        w1, w9 = tiled_pair(packed_ptr, n0, 2 * t + 1, word_byte, K, BLOCKSIZE)
         words = (w0, w1, w8, w9)
     else:
         words = ()

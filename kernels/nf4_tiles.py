@@ -42,9 +42,9 @@ Note [tiled codes]
     torch's bf16 product -> 2.69-3.47x); M = 16 9.8 -> 9.3, 26.0 -> 21.7, 22.2 -> 20.0, 26.5 -> 22.3,
     81.7 -> 68.4 (1.94-2.38x -> 2.13-2.64x); the same sums, bit-identical outputs. What it costs
     (the same comparisons): the dequantization kernel for large M 3-6% more time on the four larger
-    shapes (run 155, do_bench; kernels/nf4_dequant.py), g @ W at M = 1 8-16% more (run 153,
-    kernels/nf4_mma_t.py); at M = 4096 both directions stayed within the runs' spread (run 153,
-    0.85-0.95x against 0.85-0.92x). A graphed decoding step (GPU time, run 155): Llama-3.1-8B 7.53
+    shapes (run 155, do_bench; kernels/nf4_dequant.py); g @ W at M = 1 (kernels/nf4_mma_t.py) takes
+    2-9% less on those shapes and 2% more on 4096 x 4096 (run 156); at M = 4096 both directions
+    stayed within the runs' spread (run 153, 0.85-0.95x against 0.85-0.92x). A graphed decoding step (GPU time, run 155): Llama-3.1-8B 7.53
     -> 7.21 ms, Llama-3.2-1B 2.89 -> 2.85 ms. The state dict keeps bitsandbytes' row order (quant/linear.py
     Note [tiled codes on the GPU]).
 

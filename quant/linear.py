@@ -35,7 +35,7 @@ Note [tiled codes on the GPU]
     order the kernels read fastest (kernels/nf4_tiles.py Note [tiled codes]: the same bytes permuted
     in bands of 16 rows, no memory added; H100, run 151: x @ W.T at M = 1 2.45-2.88x -> 2.69-3.47x of
     torch's bf16 product, M = 16 1.94-2.38x -> 2.13-2.64x; a graphed 8B decoding step 7.53 -> 7.21 ms;
-    the dequantization for large M 3-6% slower, g @ W at M = 1 8-16%).
+    the dequantization for large M 3-6% slower).
     `weight` then holds them in that order; `row_codes()` gives bitsandbytes' order, which is what
     `state_dict()` writes and what `quant.dequantize_4bit` reads. The layer keeps the choice across
     loads and device moves: off the GPU (or where the shape does not tile) the codes are in rows.

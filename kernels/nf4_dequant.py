@@ -9,8 +9,8 @@ The weight is treated as its flat row-major array; each program expands BYTES pa
         scales = block_scale(blocks covered by the program)        one decode per block
         out[2*p*BYTES : ...] = (code[codes] * scales).to(dtype)
 
-With tiled codes (kernels/nf4_tiles.py Note [tiled codes]) a program reads BYTES consecutive tiled
-bytes instead, by sets of 32 VEC bytes (a group's columns of two rows, one block each) and writes
+With tiled codes (kernels/nf4_tiles.py Note [tiled codes]) a program reads BYTES (at least one set)
+consecutive tiled bytes instead, by sets of 32 VEC bytes (a group's columns of two rows, one block each) and writes
 the values where they belong in W: two scale decodes per set. Its index arithmetic stays in 32
 bits (the band of a set is a division by a run-time K): H100, do_bench, 3-6% more time than the
 row-order kernel on the four larger benchmark shapes and 3% less on 4096 x 4096 (run 155), where
@@ -96,7 +96,7 @@ def _dequantize_tiled(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     per_band = K // (4 * VEC)  # sets in a band: 8 K bytes
     band = sets // per_band
     group = (sets % per_band) // 8
-    first = (16 * band + sets % 8).to(tl.int64) * K + group * (32 * VEC)  # (SETS,) row g's first element in its group
+    first = (16 * band + sets % 8).to(tl.int64) * K + group * (32 * VEC)  # (SETS,) row g's first in the group
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, first // BLOCKSIZE, valid,
                         DOUBLE_QUANT, OFFSET_IS_POINTER)  # 32 VEC <= blocksize columns: one block
     scale8 = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, (first + 8 * K) // BLOCKSIZE,

@@ -173,8 +173,8 @@ def _tile_loads(n0, b16_ptr, packed_ptr, absmax_ptr, col0, g, t, N, K, R, BLOCKS
                 QUADS: tl.constexpr, R_CHUNKS: tl.constexpr, EVEN_R: tl.constexpr, ROW_BLOCKS: tl.constexpr,
                 TILED: tl.constexpr):
     """The loads of rows n0 .. n0 + 15: lora_b's A operands per rank chunk, this lane's code word of rows
-    g and g + 8 per quad (row order or tiled: nf4_mma_t.tiled_pair), and the absmax entries (with their blocks)
-    of those words. Rows past N read row N - 1; quads past K read the last quad."""
+    g and g + 8 per quad (row order, or tiled: nf4_mma_t.tiled_pair), and the absmax entries (with their
+    blocks) of those words. Rows past N read row N - 1; quads past K read the last quad."""
     row_g = tl.minimum(n0 + g, N - 1)
     row_g8 = tl.minimum(n0 + g + 8, N - 1)
     b_frags = ()

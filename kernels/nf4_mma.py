@@ -51,7 +51,10 @@ Note [what limits it]
     run 139, 8192 x 8192, 3/4 of the words) ptxas gives the 4-warp program 127 registers (72
     without), so 4 programs fit an SM instead of 7; the L1 data pipe is then 72% busy, the ALU 38%,
     and the warps wait on the MIO queue and on the table's loads. A register cap of 96 (5 programs
-    per SM, no spills) was slower on every shape (run 140), so ptxas keeps its choice.
+    per SM, no spills) was slower on every shape (run 140), so ptxas keeps its choice. Of those L1
+    wavefronts the W loads were ~64 of ~190 per iteration (each load touching 8 rows); tiled codes
+    (kernels/nf4_tiles.py Note [tiled codes]) make them ~16: 10-17% less time at M = 1, 5-17% at M = 16
+    (run 151).
 
 Note [lane map]
     mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 g + t holds A at rows g

@@ -40,13 +40,13 @@ Note [tiled codes]
     151, benchmarks/RESULTS.md): x @ W.T at M = 1 4096 x 4096 8.0 -> 7.2 us, 14336 x 4096 19.8 -> 17.0,
     4096 x 14336 18.3 -> 15.2, 8192 x 8192 19.8 -> 16.5, 28672 x 8192 61.4 -> 52.2 (2.45-2.88x of
     torch's bf16 product -> 2.69-3.47x); M = 16 9.8 -> 9.3, 26.0 -> 21.7, 22.2 -> 20.0, 26.5 -> 22.3,
-    81.7 -> 68.4 (1.94-2.38x -> 2.13-2.64x); the same sums, bit-identical outputs. What it costs
+    81.7 -> 68.4 (1.94-2.38x -> 2.13-2.64x); the same sums, bit-identical outputs. A graphed decoding
+    step (GPU time, run 155): Llama-3.1-8B 7.53 -> 7.21 ms, Llama-3.2-1B 2.89 -> 2.85 ms. What it costs
     (the same comparisons): the dequantization kernel for large M 3-6% more time on the four larger
     shapes (run 155, do_bench; kernels/nf4_dequant.py); g @ W at M = 1 (kernels/nf4_mma_t.py) takes
     2-9% less on those shapes and 2% more on 4096 x 4096 (run 156); at M = 4096 both directions
-    stayed within the runs' spread (run 153, 0.85-0.95x against 0.85-0.92x). A graphed decoding step (GPU time, run 155): Llama-3.1-8B 7.53
-    -> 7.21 ms, Llama-3.2-1B 2.89 -> 2.85 ms. The state dict keeps bitsandbytes' row order (quant/linear.py
-    Note [tiled codes on the GPU]).
+    stayed within the runs' spread (run 153, 0.85-0.95x against 0.85-0.92x). The state dict keeps
+    bitsandbytes' row order (quant/linear.py Note [tiled codes on the GPU]).
 
 Note [code lookup]
     The 16-value code (NF4 or FP4) is gathered with tl.load from the 64-byte float32 table in

@@ -123,10 +123,9 @@ Note [x fragments]
     one load are 512 consecutive bytes. H100, graph replay, M = 64 (run 146 against run 144):
     4096 x 4096 20.7 -> 19.3 us, 14336 x 4096 68.5 -> 56.7, 4096 x 14336 62.2 -> 51.5, 8192 x 8192
     69.2 -> 56.8, 28672 x 8192 211.6 -> 180.4 (0.90-1.05x of torch's bf16 product instead of
-    0.75-0.88x). At M = 32 the
-    copy costs about what it saves (4096 x 4096 11.6 -> 13.5 us, 28672 x 8192 107.6 -> 104.7, the
-    others within 6%), and at M <= 16 fragment order gained nothing (run 130, H200), so x stays in
-    its rows up to 32.
+    0.75-0.88x). At M = 32 the copy costs about what it saves (4096 x 4096 11.6 -> 13.5 us, 28672 x
+    8192 107.6 -> 104.7, the others within 6%), and at M <= 16 fragment order gained nothing (run
+    130, H200), so x stays in its rows up to 32.
 
 Note [pair lookup]
     The 16 code values in bfloat16 (or float16 for float16 x) are split into a low-byte and a
@@ -229,10 +228,7 @@ def _load_tiled(address, VEC: tl.constexpr):
     """This lane's 8 VEC bytes of a band's group of tiled codes at `address` (kernels/nf4_tiles.py Note
     [tiled codes]): VEC words of row g, then VEC of row g + 8, as two 4-tuples padded with zeros."""
     if VEC == 1:
-        a0, b0 = tl.inline_asm_elementwise(
-            "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [address],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        z = a0 * 0
+        a0, b0, z, _ = _load_words(address, 2)
         return (a0, z, z, z), (b0, z, z, z)
     elif VEC == 2:
         a0, a1, b0, b1 = _load_words(address, 4)

@@ -112,12 +112,16 @@ def tiles_fit(n_rows: int, n_cols: int, blocksize: int) -> bool:
     return blocksize % 32 == 0 and n_cols % blocksize == 0 and n_rows % 16 == 0
 
 
+def _tiles_unfit(n_rows: int, n_cols: int, blocksize: int) -> str:
+    return (f"tiled codes need N % 16 == 0 and K a multiple of the blocksize (a multiple of 32), got W of "
+            f"shape {(n_rows, n_cols)} at blocksize {blocksize}")
+
+
 def _tile_view(n_rows: int, n_cols: int, blocksize: int) -> tuple[int, ...]:
     """Row-order bytes as (band, half, g, group, t, run): row 16 band + 8 half + g, byte 16 VEC group
     + 4 VEC t + run."""
     if not tiles_fit(n_rows, n_cols, blocksize):
-        raise ValueError(f"tiled codes need N % 16 == 0 and K a multiple of the blocksize (a multiple of 32), "
-                         f"got W of shape {(n_rows, n_cols)} at blocksize {blocksize}")
+        raise ValueError(_tiles_unfit(n_rows, n_cols, blocksize))
     vec = words_per_lane(blocksize)
     return n_rows // 16, 2, 8, n_cols // (32 * vec), 4, 4 * vec
 
@@ -247,8 +251,7 @@ def nf4_weight(packed: torch.Tensor, state, device: torch.device, tiled: bool = 
         absmax = absmax.reshape(-1).float().contiguous()
         nested_absmax, nested_code, offset = absmax, code, 0.0
     if tiled and not tiles_fit(n_rows, n_cols, blocksize):
-        raise ValueError(f"NF4 weight: tiled codes need N % 16 == 0 and K a multiple of the blocksize (a "
-                         f"multiple of 32), got state.shape {(n_rows, n_cols)} at blocksize {blocksize}")
+        raise ValueError("NF4 weight: " + _tiles_unfit(n_rows, n_cols, blocksize))
     byte_code, code_planes = _code_tables(code)
     return NF4Weight(packed=packed.reshape(-1).contiguous(), absmax=absmax, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, code=code, n_rows=n_rows, n_cols=n_cols,

@@ -67,13 +67,22 @@ def _compile_all() -> list[dict]:
         run(f"dequantize tiled={layout['TILED']}", nf4_dequant._dequantize_kernel.fn,
             dict(weight, out_ptr=torch.bfloat16, numel=4096 * 4096, nbytes=4096 * 2048, nblocks=4096 * 64, K=4096),
             layout, nf4_dequant._CONFIGS[0])
-    run("gemv M_PAD=1 prmt tiled", nf4_gemv._gemv_kernel,
-        dict(x_ptr=torch.bfloat16, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32,
-             bias_ptr=torch.bfloat16, out_ptr=torch.bfloat16, **sizes),
-        dict(tiled, HAS_BIAS=True, SPLIT=1, M_PAD=1, LOOKUP="prmt", IN_REGISTERS=True), nf4_gemv._FMA_CONFIGS[0])
-    run("x @ W.T small-M tiled", nf4_matmul._matmul_kernel,
-        dict(x_ptr=torch.bfloat16, **weight, bias_ptr=torch.bfloat16, out_ptr=torch.bfloat16, **sizes),
-        dict(tiled, WHOLE_BLOCKS=True, HAS_BIAS=True, SPLIT=1, DOT_PRECISION="tf32"), nf4_matmul._SMALL_M_CONFIGS[0])
+
+    def gemv_m1(label, dtype, layout, lookup, has_bias):  # one split, M = 1
+        run(label, nf4_gemv._gemv_kernel,
+            dict(x_ptr=dtype, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32, bias_ptr=dtype,
+                 out_ptr=dtype, **sizes),
+            dict(layout, HAS_BIAS=has_bias, SPLIT=1, M_PAD=1, LOOKUP=lookup, IN_REGISTERS=True),
+            nf4_gemv._FMA_CONFIGS[0])
+
+    def x_w_t(label, dtype, layout, has_bias, precision, config):  # one split, whole-block rows
+        run(label, nf4_matmul._matmul_kernel, dict(x_ptr=dtype, **weight, bias_ptr=dtype, out_ptr=dtype, **sizes),
+            dict(layout, WHOLE_BLOCKS=True, HAS_BIAS=has_bias, SPLIT=1, DOT_PRECISION=precision), config)
+
+    gemv_m1("gemv M_PAD=1 prmt tiled", torch.bfloat16, tiled, "prmt", True)
+    gemv_m1("gemv M_PAD=1 nibble float32 x", torch.float32, fmt, "nibble", False)
+    x_w_t("x @ W.T small-M tiled", torch.bfloat16, tiled, True, "tf32", nf4_matmul._SMALL_M_CONFIGS[0])
+    x_w_t("x @ W.T large-M float32 (ieee dot)", torch.float32, fmt, False, "ieee", nf4_matmul._LARGE_M_CONFIGS[0])
     run("g @ W large-M tiled", nf4_matmul._matmul_t_kernel, dict(g_ptr=torch.bfloat16, **weight, out_ptr=torch.bfloat16,
                                                                  **sizes),
         dict(tiled, WHOLE_BLOCKS=True, SPLIT=1, DOT_PRECISION="tf32"), nf4_matmul._LARGE_M_T_CONFIGS[0])
@@ -97,13 +106,6 @@ def _compile_all() -> list[dict]:
                 run(f"g @ W {kind} whole={whole} split={split}", nf4_matmul._matmul_t_kernel,
                     dict(g_ptr=torch.bfloat16, **weight, out_ptr=out, **sizes),
                     dict(layout, SPLIT=split, DOT_PRECISION="tf32"), configs[0])
-    run("gemv M_PAD=1 nibble float32 x", nf4_gemv._gemv_kernel,
-        dict(x_ptr=torch.float32, **weight, byte_code_ptr=torch.float32, code_planes_ptr=torch.int32,
-             bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
-        dict(fmt, HAS_BIAS=False, SPLIT=1, M_PAD=1, LOOKUP="nibble", IN_REGISTERS=True), nf4_gemv._FMA_CONFIGS[0])
-    run("x @ W.T large-M float32 (ieee dot)", nf4_matmul._matmul_kernel,
-        dict(x_ptr=torch.float32, **weight, bias_ptr=torch.float32, out_ptr=torch.float32, **sizes),
-        dict(fmt, WHOLE_BLOCKS=True, HAS_BIAS=False, SPLIT=1, DOT_PRECISION="ieee"), nf4_matmul._LARGE_M_CONFIGS[0])
     mma_args = dict(x_ptr=torch.bfloat16, packed_ptr=torch.uint8, absmax_ptr=torch.uint8,
                     nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
                     code_planes_ptr=torch.int32, bias_ptr=torch.bfloat16, scratch_ptr=torch.float32,

@@ -154,9 +154,10 @@ Note [pair table]
     H200, runs 131 and 136, by 5-17% on the five benchmark shapes (8192 x 8192 21.9 -> 18.8,
     4096 x 14336 19.2 -> 16.8, 28672 x 8192 60.5 -> 56.3) and by -5% to +9% on Llama-3.2-1B's. At
     M = 16, where x's fragments add MIO loads, it won nowhere (run 115), so only M <= 8 times the
-    table configs. In a decoding step (H200, GPU time of back-to-back replays of the captured step,
-    runs 133 and 136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The
-    eleventh session had measured graphed decoding 1.3x slower with the table, by wall time per
+    table configs, but for one: with tiled codes (8, 2, 2) with the whole table took 4096 x 4096
+    from 9.4 to 8.9 us (run 154; no other shape gained), so 8 < M <= 16 times it too.
+    In a decoding step (H200, GPU time of back-to-back replays of the captured step, runs 133 and
+    136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The eleventh session had measured graphed decoding 1.3x slower with the table, by wall time per
     generated token, which includes the host's work for every token; that measure spread over
     2.3-4.5 ms/token for one config in run 132, so it no longer judges a kernel.
     With the shared sums the table must leave room for the partials, KSPLIT x 8 M_TILES x ROWS
@@ -179,7 +180,8 @@ from kernels.nf4_gemv import prmt_lookup
 from kernels.nf4_tiles import NF4Weight, words_per_lane
 
 __all__ = ["mma_gemv", "MMA_M_MAX", "mma_fits", "MmaConfig", "MMA_CONFIGS", "MMA_CONFIGS_M8",
-           "MMA_TABLE_CONFIGS", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX", "column_tiles"]
+           "MMA_TABLE_CONFIGS", "MMA_TABLE_CONFIGS_M16", "untimed_config", "shared_bytes", "STATIC_SHARED_MAX",
+           "column_tiles"]
 
 MMA_M_MAX = 64  # rows of x: up to 8 column tiles of 8 (Note [column tiles])
 
@@ -870,6 +872,8 @@ MMA_CONFIGS = _LOOPS + [config._replace(shared_sums=False) for config in _LOOPS]
 MMA_TABLE_CONFIGS = [MmaConfig(ksplit, 4, row_tiles, table=table) for row_tiles in (1, 2) for ksplit in (4, 8)
                      for table in (3, 4)]
 MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 4)]
+# Also timed for 8 < M <= 16: the one table config that won there (run 154, Note [pair table]).
+MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4)]
 
 STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically (more must be dynamic)
 
@@ -895,7 +899,7 @@ def _timed_configs(m: int) -> list[MmaConfig]:
     if m <= 8:
         return MMA_CONFIGS_M8 + MMA_TABLE_CONFIGS
     if m <= 16:
-        return MMA_CONFIGS
+        return MMA_CONFIGS + MMA_TABLE_CONFIGS_M16
     return [c for c in MMA_CONFIGS if c.unroll * c.row_tiles * column_tiles(m) <= 16 and c.depth == 1
             and shared_bytes(c, m) <= STATIC_SHARED_MAX]
 

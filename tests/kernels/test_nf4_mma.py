@@ -71,7 +71,8 @@ def test_x_fragments_give_each_lane_its_slice_of_x(m, vec):
 
 def test_every_timed_config_fits_the_static_shared_memory_and_the_registers():
     assert nf4_mma._timed_configs(8) == nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS
-    assert nf4_mma._timed_configs(9) == nf4_mma.MMA_CONFIGS
+    at_16 = nf4_mma.MMA_CONFIGS + nf4_mma.MMA_TABLE_CONFIGS_M16
+    assert nf4_mma._timed_configs(9) == nf4_mma._timed_configs(16) == at_16
     for m in (1, 16, 17, 64):
         timed = nf4_mma._timed_configs(m)
         assert len(timed) >= 7, m

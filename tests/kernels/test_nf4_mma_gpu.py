@@ -41,7 +41,8 @@ def test_every_config_above_16_rows(config, m):
 
 @pytest.mark.parametrize("config,m", [(config, m) for config in nf4_mma.MMA_CONFIGS_M8 for m in (5, 12)]
                          + [(config, 12) for config in nf4_mma.MMA_CONFIGS if config not in nf4_mma.MMA_CONFIGS_M8]
-                         + [(config, m) for config in nf4_mma.MMA_TABLE_CONFIGS for m in (1, 5)])
+                         + [(config, m) for config in nf4_mma.MMA_TABLE_CONFIGS for m in (1, 5)]
+                         + [(config, m) for config in nf4_mma.MMA_TABLE_CONFIGS_M16 for m in (12, 16)])
 @pytest.mark.parametrize("n_cols,blocksize", [(4160, 64), (1088, 32), (5120, 1024)])
 def test_every_config(config, m, n_cols, blocksize):
     _run(1000, n_cols, blocksize, m, config=config)  # uneven parts of K, remainder loops, many groups per block

@@ -22,7 +22,7 @@ def _both(n_rows, n_cols, blocksize, double_quant=True):
 
 # Every config at M = 1, a third of them at M = 16 and a half above: each launch is a compile.
 MMA_CASES = ([(config, 1) for config in nf4_mma.MMA_CONFIGS_M8 + nf4_mma.MMA_TABLE_CONFIGS]
-             + [(config, 16) for config in nf4_mma.MMA_CONFIGS[::3]]
+             + [(config, 16) for config in nf4_mma.MMA_CONFIGS[::3] + nf4_mma.MMA_TABLE_CONFIGS_M16]
              + [(config, m) for m in (24, 64) for config in nf4_mma._timed_configs(m)[::2]])
 
 

@@ -1,7 +1,7 @@
 """Decoding speed: greedy generation from a random-weight NF4 Llama with LoRA adapters, each step
 launched eagerly from Python or replayed from a CUDA graph (models/generate.py).
 
-    PYTHONPATH=. python3 -m benchmarks.generate [--shapes llama3.2-1b,llama3.1-8b] [--new 128] [--tiled]
+    PYTHONPATH=. python3 -m benchmarks.generate [--shapes llama3.2-1b,llama3.1-8b] [--new 128] [--layout rows]
 
 bf16 autocast, batch 1, a prompt of --prompt random tokens then --new tokens (no stop token);
 time per new token = (wall time of the call - the same call with 2 new tokens) / (new - 2), so the
@@ -46,20 +46,21 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="llama3.2-1b,llama3.1-8b")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--tiled", action="store_true",
-                        help="the 4-bit codes in the kernels' tile order (quant.tile_codes)")
+    parser.add_argument("--layout", choices=("tiles", "rows"), default="tiles",
+                        help="the 4-bit codes in the kernels' tile order (Linear4bit's default on a GPU) or in "
+                             "bitsandbytes' row order (quant.tile_codes(model, False))")
     args = parser.parse_args(argv)
 
     import models
     import quant
 
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}, "
-          f"codes {'tiled' if args.tiled else 'in rows'}")
+          f"codes in {args.layout}")
     lines = ["| shape | embeddings and head | eager ms/token | CUDA graph ms/token | speedup | step GPU ms |",
              "|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         model = random_qlora_llama(shape)
-        quant.tile_codes(model, args.tiled)
+        quant.tile_codes(model, args.layout == "tiles")
         cfg = model.config
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt,)).tolist()
         for where in ("GPU", "host"):

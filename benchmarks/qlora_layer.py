@@ -1,7 +1,7 @@
 """A QLoRA layer's forward + backward on the GPU: lora.LoRALinear over a 4-bit quant.Linear4bit
 against the same LoRALinear over a frozen bf16 nn.Linear holding the same numbers, same run.
 
-    PYTHONPATH=. python -m benchmarks.qlora_layer [--check] [--rows 4096]
+    PYTHONPATH=. python -m benchmarks.qlora_layer [--check] [--rows 4096] [--layout rows]
 
     y = x @ W.T + s * (x @ A.T) @ B.T      r = 16, s = alpha / r = 2, bf16, W frozen
     backward: dx (through W: g @ W, and through the adapter), dA, dB; no gradient for W
@@ -78,7 +78,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def layers(n_rows: int, n_cols: int, tiled: bool = False) -> tuple[LoRALinear, LoRALinear]:
+def layers(n_rows: int, n_cols: int, tiled: bool = True) -> tuple[LoRALinear, LoRALinear]:
     """(LoRA over bf16 nn.Linear, LoRA over Linear4bit): the same W numbers, the same adapters; tiled:
     the 4-bit codes in the kernels' tile order (quant/linear.py Note [tiled codes on the GPU])."""
     weight = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -105,20 +105,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare outputs and gradients with the bf16 layer")
     parser.add_argument("--rows", type=int, default=4096, help="M, rows of x (default 4096)")
-    parser.add_argument("--tiled", action="store_true", help="the 4-bit codes in the kernels' tile order")
+    parser.add_argument("--layout", choices=("tiles", "rows"), default="tiles",
+                        help="the 4-bit codes in the kernels' tile order (Linear4bit's default on a GPU) or in "
+                             "bitsandbytes' row order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
               f"LoRA r={RANK}, alpha={ALPHA}, bf16, M={args.rows}, forward + backward (dx, dA, dB), "
-              f"codes {'tiled' if args.tiled else 'in rows'}")
+              f"codes in {args.layout}")
     print(header)
     torch.manual_seed(0)
     failures, lines = [], []
     m = args.rows
     for n_rows, n_cols in SHAPES:
-        layer16, layer4 = layers(n_rows, n_cols, args.tiled)
+        layer16, layer4 = layers(n_rows, n_cols, args.layout == "tiles")
         x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad_y = torch.randn(m, n_rows, device="cuda", dtype=torch.bfloat16)
         weight16 = layer16.base_layer.weight

@@ -4,7 +4,7 @@
     w2 = quant.dequantize_4bit(packed, state)
     layer = quant.Linear4bit.from_linear(linear)        # or Linear4bit.from_weight(w, bias)
     quant.quantize(model, skip=("lm_head",))            # every nn.Linear -> Linear4bit, in place
-    quant.tile_codes(model)                             # codes in the kernels' tile order on the GPU
+    quant.tile_codes(model, False)                      # codes in bitsandbytes' row order on the GPU too
 """
 from .codebooks import FP4_CODE, NF4_CODE
 from .linear import Linear4bit

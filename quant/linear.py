@@ -31,16 +31,16 @@ Note [the bitsandbytes state dict]
     load with the layer's own settings.
 
 Note [tiled codes on the GPU]
-    `layer.tile_codes()` (or `quant.tile_codes(model)`) puts the packed codes of a layer on a GPU in the
-    order the kernels read fastest (kernels/nf4_tiles.py Note [tiled codes]: the same bytes permuted
-    in bands of 16 rows, no memory added; H100, run 151: x @ W.T at M = 1 2.45-2.88x -> 2.69-3.47x of
-    torch's bf16 product, M = 16 1.94-2.38x -> 2.13-2.64x; a graphed 8B decoding step 7.53 -> 7.21 ms;
-    the dequantization for large M 3-6% slower).
-    `weight` then holds them in that order; `row_codes()` gives bitsandbytes' order, which is what
-    `state_dict()` writes and what `quant.dequantize_4bit` reads. The layer keeps the choice across
-    loads and device moves: off the GPU (or where the shape does not tile) the codes are in rows.
-    It is off by default: code that hands `layer.weight` to `quant.dequantize_4bit` or compares its
-    bytes would read a permutation.
+    On a GPU a layer holds its packed codes in the order the kernels read fastest (kernels/nf4_tiles.py
+    Note [tiled codes]: the same bytes permuted in bands of 16 rows, no memory added; H100, run 151:
+    x @ W.T at M = 1 2.45-2.88x -> 2.69-3.47x of torch's bf16 product, M = 16 1.94-2.38x ->
+    2.13-2.64x; a graphed 8B decoding step 7.53 -> 7.21 ms; the dequantization for large M 3-6%
+    slower). `layer.tile_codes(False)` (or `quant.tile_codes(model, False)`) keeps them in
+    bitsandbytes' row order instead; the layer keeps the choice across loads and device moves. Off
+    the GPU, or where the shape does not tile (kernels.tiles_fit), the codes are in rows.
+    So on a GPU `weight` is not bitsandbytes' layout: `row_codes()` is (`codes_tiled` says which
+    `weight` holds). `state_dict()` writes row order, `dequantize()` reads either, and
+    `quant.dequantize_4bit` takes `row_codes()`, never a tiled `weight`.
 
 Note [statistics keep float32]
     `model.to(torch.bfloat16)` or `.half()` cast every floating-point buffer. The fp32 absmax,
@@ -264,8 +264,8 @@ class Linear4bit(nn.Module):
         )
 
     def tile_codes(self, enabled: bool = True) -> bool:
-        """Hold the packed codes in the kernels' tile order while on a GPU (Note [tiled codes on the
-        GPU]), or in rows again with enabled=False; returns whether they are tiled now."""
+        """Hold the packed codes in the kernels' tile order while on a GPU (the default; Note [tiled
+        codes on the GPU]), or in rows with enabled=False; returns whether they are tiled now."""
         self.__dict__["_tiles_wanted"] = enabled
         self._sync_layout()
         return self.codes_tiled
@@ -274,7 +274,7 @@ class Linear4bit(nn.Module):
         """Tile or untile the codes as wanted and possible: CUDA, the kernels, a shape that tiles."""
         if self.weight.device.type == "meta":
             return
-        want = (self.__dict__.get("_tiles_wanted", False) and self.weight.is_cuda and _kernels_available()
+        want = (self.__dict__.get("_tiles_wanted", True) and self.weight.is_cuda and _kernels_available()
                 and _tiles_fit(self.out_features, self.in_features, self.blocksize))
         if want != self.codes_tiled:
             import kernels

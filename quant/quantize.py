@@ -12,8 +12,8 @@ references) at most one full-precision layer beyond the 4-bit ones is alive at a
 on the `meta` device gets unfilled `Linear4bit`s of the right shapes, ready for
 `load_state_dict(..., assign=True)` with a bitsandbytes-format state dict.
 
-`quant.tile_codes(model)` then lets the layers on a GPU hold their codes in the kernels' fastest
-order (quant/linear.py Note [tiled codes on the GPU]).
+On a GPU the layers hold their codes in the kernels' fastest order; `quant.tile_codes(model, False)`
+keeps them in bitsandbytes' row order (quant/linear.py Note [tiled codes on the GPU]).
 """
 from typing import Sequence
 
@@ -74,6 +74,6 @@ def quantize(
 
 def tile_codes(model: nn.Module, enabled: bool = True) -> int:
     """Every `Linear4bit` of `model` holds its packed codes in the kernels' tile order while on a GPU
-    (or in rows again with enabled=False): quant/linear.py Note [tiled codes on the GPU]. Returns
-    how many layers hold them tiled now."""
+    (the layers' default), or in rows with enabled=False: quant/linear.py Note [tiled codes on the
+    GPU]. Returns how many layers hold them tiled now."""
     return sum(layer.tile_codes(enabled) for layer in model.modules() if isinstance(layer, Linear4bit))

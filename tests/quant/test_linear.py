@@ -144,10 +144,10 @@ def test_cuda_moves_everything_and_matches_cpu():
     # its last bit: CPU and CUDA sum in different orders)
     cpu_plain = quant.Linear4bit.from_linear(linear, double_quant=False)
     gpu_plain = quant.Linear4bit.from_linear(linear.cuda(), double_quant=False)
-    assert torch.equal(gpu_plain.weight.cpu(), cpu_plain.weight)
+    assert torch.equal(gpu_plain.row_codes().cpu(), cpu_plain.weight)  # Note [tiled codes on the GPU]
     assert torch.equal(gpu_plain.absmax.cpu(), cpu_plain.absmax)
     on_gpu = quant.Linear4bit.from_linear(linear)
-    assert torch.equal(on_gpu.weight.cpu(), layer.weight.cpu())
+    assert torch.equal(on_gpu.row_codes().cpu(), layer.row_codes().cpu())
     torch.testing.assert_close(on_gpu.offset.cpu(), layer.offset.cpu(), rtol=1e-6, atol=0)
     torch.testing.assert_close(on_gpu.dequantize().cpu(), layer.dequantize().cpu(), rtol=1e-5, atol=1e-6)
     # bf16 compute on the GPU

@@ -16,7 +16,7 @@ def test_cuda_forward_and_backward_match_the_reference(m, shape, dtype):
     out_f, in_f = shape
     weight = torch.randn(out_f, in_f, device="cuda") * 0.05
     layer = quant.Linear4bit.from_weight(weight, torch.randn(out_f, device="cuda"), compute_dtype=dtype)
-    w_ref = quant.dequantize_4bit(layer.weight, layer.quant_state, dtype=torch.float32)  # the reference path
+    w_ref = quant.dequantize_4bit(layer.row_codes(), layer.quant_state, dtype=torch.float32)  # the reference path
     x = torch.randn(m, in_f, device="cuda", dtype=dtype, requires_grad=True)
     assert _on_kernels(x)
     y = layer(x)
@@ -35,13 +35,15 @@ def test_cuda_forward_and_backward_match_the_reference(m, shape, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_tiled_codes_compute_the_same_and_save_rows(m):
-    """quant/linear.py Note [tiled codes on the GPU]: the same outputs and gradients bit for bit, the
-    same state dict, rows again off the GPU, and the choice kept across a load."""
+    """quant/linear.py Note [tiled codes on the GPU]: tiled by default; the same outputs and gradients
+    bit for bit as in rows, the same state dict, rows again off the GPU, and the choice kept across a
+    load and a move."""
     weight = torch.randn(256, 320, device="cuda") * 0.05
     rows = quant.Linear4bit.from_weight(weight, torch.randn(256, device="cuda"))
+    assert rows.codes_tiled and not rows.tile_codes(False) and not rows.codes_tiled
     tiled = quant.Linear4bit.from_weight(weight, rows.bias.detach().clone())
     codes = rows.weight.detach().clone()
-    assert tiled.tile_codes() and tiled.codes_tiled and not torch.equal(tiled.weight, codes)
+    assert tiled.codes_tiled and not torch.equal(tiled.weight, codes)
     assert torch.equal(tiled.row_codes(), codes)
     x = torch.randn(m, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for layer in (rows, tiled):
@@ -60,5 +62,7 @@ def test_tiled_codes_compute_the_same_and_save_rows(m):
     tiled.cuda()
     assert tiled.codes_tiled and torch.equal(tiled(x), rows(x))
     assert not tiled.tile_codes(False) and torch.equal(tiled.weight, codes)
+    rows.cpu().cuda()
+    assert not rows.codes_tiled and torch.equal(rows.weight, codes)
     model = torch.nn.Sequential(rows, quant.Linear4bit(320, 250, device="cuda"))  # 250 rows do not tile
     assert quant.tile_codes(model) == 1 and rows.codes_tiled

@@ -157,9 +157,10 @@ Note [pair table]
     table configs, but for one: with tiled codes (8, 2, 2) with the whole table took 4096 x 4096
     from 9.4 to 8.9 us (run 154; no other shape gained), so 8 < M <= 16 times it too.
     In a decoding step (H200, GPU time of back-to-back replays of the captured step, runs 133 and
-    136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The eleventh session had measured graphed decoding 1.3x slower with the table, by wall time per
-    generated token, which includes the host's work for every token; that measure spread over
-    2.3-4.5 ms/token for one config in run 132, so it no longer judges a kernel.
+    136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The eleventh session
+    had measured graphed decoding 1.3x slower with the table, by wall time per generated token,
+    which includes the host's work for every token; that measure spread over 2.3-4.5 ms/token for
+    one config in run 132, so it no longer judges a kernel.
     With the shared sums the table must leave room for the partials, KSPLIT x 8 M_TILES x ROWS
     words, within 48 KB of static shared memory (shared_bytes; every timed config fits).
 

@@ -7,7 +7,7 @@ For each W of N x K and each M (rows of x), bf16 throughout, the median time ove
     torch   x @ W.T on the bf16 weight (cuBLAS)
     ours    kernels.matmul_nf4 (what quant.Linear4bit calls: dispatch by M), on the codes in the
             kernels' tile order (--layout tiles, the default: kernels/nf4_tiles.py Note [tiled codes],
-            what quant.tile_codes gives a model) or in bitsandbytes' row order (--layout rows)
+            what quant.Linear4bit holds on a GPU) or in bitsandbytes' row order (--layout rows)
     gemv    the CUDA-core GEMV (M <= 16), small (tensor-core tiles with BLOCK_M = 16, M <= 64),
     fused (large tensor-core tiles, W in registers), dequant (W to a bf16 scratch buffer, then
     cuBLAS): every strategy at every M, to set the dispatch constants of kernels/nf4_matmul.py
@@ -211,7 +211,7 @@ def main() -> int:
                         help="time torch, ours (the dispatch) and bitsandbytes only, not each strategy")
     parser.add_argument("--layout", choices=("tiles", "rows"), default="tiles",
                         help="our packed codes in the kernels' tile order (kernels/nf4_tiles.py Note [tiled codes], "
-                             "as quant.tile_codes makes them) or in bitsandbytes' row order")
+                             "as quant.Linear4bit holds them on a GPU) or in bitsandbytes' row order")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")

@@ -1,6 +1,7 @@
 """Small-M NF4 matmul on the tensor cores: y = x @ W.T for M <= 64 rows of x (decode), W read once.
 
-    for each 16 ROW_TILES rows of W (one program), its warps splitting K:
+    for each 16 ROW_TILES rows of W (a program; or TILES of them in turn, Note [tiles per program]),
+    its warps splitting K:
         for each group of 32 VEC columns of K in this warp's part, each 16-row tile of the program:
             words   = this lane's VEC 32-bit words of rows g and g + 8      one load each (Note [lane map]),
                                                                            one for both from tiled codes
@@ -99,6 +100,21 @@ Note [row tiles]
     warp reading 512 contiguous bytes, half of x's L1 wavefronts) gained nothing at M = 16 (run 130,
     H200, x reordered outside the timing), and one row of x read 16 times only 5-10%: x's traffic is
     no longer most of what M = 16 costs over M = 1.
+
+Note [tiles per program]
+    A program may take TILES consecutive tiles of 16 ROW_TILES rows, one after the other, instead of
+    one: its warps keep their parts of K, fill the pair table once, and issue the next tile's first
+    loads in the current tile's last iteration (before its math, its sums and their barrier), so the
+    program's loads stay in flight across the tiles; a second barrier after the sums frees the shared
+    partials for the next tile. It serves shapes with many short rows: 14336 x 4096 at M = 1 ran its
+    best single tiles as 896 programs of 4 warps, 4 iterations each, at 4 programs per SM (1.7 waves,
+    each program filling its own table). H100, graph replay, L2 cleared (runs 169-170), the best of
+    the timed set against the best with 2, 3 or 4 tiles: M = 1 14336 x 4096 16.8-17.1 -> 16.1-16.2 us
+    ((4, 4, 1) with 3/4 of the words from the table, 2 tiles), 28672 x 8192 52.0 -> 50.9 (4 tiles); on
+    4096 x 4096, 8192 x 8192 and 4096 x 14336 fewer programs only lost (7.2 -> 9.0 us, 16.5 -> 18.9,
+    15.3 -> 20.9), which the tuning leaves out. At M = 16 14336 x 4096 went from 22.4 to 26.9 us, so
+    only M <= 8 times it. A graphed 8B decoding step: 7.21 -> 7.18 ms (run 175). The sums and outputs
+    are those of one tile per program, bit for bit.
 
 Note [column tiles]
     The mma's 8 columns are 8 rows of x (y.T = W @ x.T); M rows take column_tiles(M) = 1, 2, 4 or 8
@@ -651,6 +667,30 @@ def _x_group(at, VEC: tl.constexpr, X_FRAGMENTS: tl.constexpr):
 
 
 @triton.jit
+def _tile_at(tile, packed_ptr, start, g, t, lane, N, K, BLOCKSIZE: tl.constexpr, VEC: tl.constexpr,
+             W_BYTES: tl.constexpr, ROW_TILES: tl.constexpr, TILED: tl.constexpr):
+    """Per row tile of tile `tile` (Note [tiles per program]): the first blocks of rows g and g + 8,
+    and the byte addresses of this lane's words in group `start` (tiled codes, kernels/nf4_tiles.py
+    Note [tiled codes]: those of row g, then of row g + 8, 4 VEC bytes on). Rows past N read row
+    N - 1; their sums are dropped."""
+    ROWS: tl.constexpr = 16 * ROW_TILES
+    row_blocks = ()
+    w_ats = ()
+    for r in tl.static_range(ROW_TILES):
+        row_g = tl.minimum(tile * ROWS + 16 * r + g, N - 1)
+        row_g8 = tl.minimum(tile * ROWS + 16 * r + g + 8, N - 1)
+        row_blocks = row_blocks + ((row_g * (K // BLOCKSIZE), row_g8 * (K // BLOCKSIZE)),)
+        if TILED:  # N % 16 == 0: no row past N (a tile past N is never loaded from: _fetch_first)
+            w_at = (packed_ptr.to(tl.int64) + (tile * ROW_TILES + r).to(tl.int64) * (8 * K) + start * W_BYTES
+                    + lane * (8 * VEC))
+            w_ats = w_ats + ((w_at, w_at + 4 * VEC),)
+        else:
+            w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + start * W_BYTES + t * (4 * VEC)
+            w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
+    return row_blocks, w_ats
+
+
+@triton.jit
 def _mma_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_planes_ptr, bias_ptr,
     scratch_ptr, out_ptr,
@@ -659,58 +699,52 @@ def _mma_gemv_kernel(
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
     SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr, X_FRAGMENTS: tl.constexpr, TILED: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group (words_per_lane)
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
     W_BYTES: tl.constexpr = 256 * VEC if TILED else 16 * VEC  # from a group of a row (tiled: 16 rows) to the next
     X_STEP: tl.constexpr = 512 * VEC * M_TILES if X_FRAGMENTS else 64 * VEC  # bytes of x per group
-    ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per program (and per warp)
-    tile = tl.program_id(0)
-    lane, warp = _lane_ids(tile)
+    ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per tile (and per warp)
+    M_PAD: tl.constexpr = 8 * M_TILES
+    tl.static_assert(TILES == 1 or DEPTH == 1, "nf4_mma: several tiles per program load one iteration ahead")
+    program = tl.program_id(0)
+    lane, warp = _lane_ids(program)
     g = lane >> 2
     t = lane & 3
     planes = _lane_planes(code_planes_ptr, lane, FLOAT16)
     TABLE_WORDS: tl.constexpr = TABLE_QUARTERS * 2 * VEC // 4  # of a row tile's 2 VEC words per group
     if TABLE_WORDS > 0:
-        table = _table_base(tile)  # written below, after the first loads (Note [first loads])
+        table = _table_base(program)  # written below, after the first loads (Note [first loads])
         lane_table = table + 4 * lane
     else:
         lane_table = lane
+    if SHARED_SUMS:
+        base = _partials_base(program, KSPLIT * M_PAD * ROWS)  # Note [epilogue]
     shift = _shift(offset, DOUBLE_QUANT, OFFSET_IS_POINTER)
     n_groups = K // GROUP
     per_warp = tl.cdiv(n_groups, KSPLIT)
-    group = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [group, group + count)
-    count = tl.minimum(group + per_warp, n_groups) - group
-    # Per row tile: the first blocks of rows g and g + 8, and the byte addresses of this lane's words in
-    # the current group (tiled codes, kernels/nf4_tiles.py Note [tiled codes]: those of row g, then of
-    # row g + 8, 4 VEC bytes on). Rows past N read row N - 1; their sums are dropped.
-    row_blocks = ()
-    w_ats = ()
-    for r in tl.static_range(ROW_TILES):
-        row_g = tl.minimum(tile * ROWS + 16 * r + g, N - 1)
-        row_g8 = tl.minimum(tile * ROWS + 16 * r + g + 8, N - 1)
-        row_blocks = row_blocks + ((row_g * (K // BLOCKSIZE), row_g8 * (K // BLOCKSIZE)),)
-        if TILED:  # N % 16 == 0: no row past N
-            w_at = (packed_ptr.to(tl.int64) + (tile * ROW_TILES + r).to(tl.int64) * (8 * K) + group * W_BYTES
-                    + lane * (8 * VEC))
-            w_ats = w_ats + ((w_at, w_at + 4 * VEC),)
-        else:
-            w_at = packed_ptr.to(tl.int64) + row_g.to(tl.int64) * (K // 2) + group * W_BYTES + t * (4 * VEC)
-            w_ats = w_ats + ((w_at, w_at + (row_g8 - row_g).to(tl.int64) * (K // 2)),)
+    start = tl.minimum(warp * per_warp, n_groups)  # this warp's part of K: groups [start, start + count)
+    count = tl.minimum(start + per_warp, n_groups) - start
+    # Note [tiles per program]: tiles first_tile .. first_tile + n_mine - 1, one after the other.
+    first_tile = program * TILES
+    if TILES == 1:
+        n_mine = 1
+    else:
+        n_mine = tl.minimum(TILES, tl.cdiv(N, ROWS) - first_tile)
+    row_blocks, w_ats = _tile_at(first_tile, packed_ptr, start, g, t, lane, N, K, BLOCKSIZE, VEC, W_BYTES, ROW_TILES,
+                                 TILED)
     # Column tile j: row 8 j + g of x; lanes of columns g >= M read row M - 1 (in x's rows) or padding
     # (fragment order): columns of y that are never stored.
     zeros = ()
-    x_ats = ()
+    x_starts = ()
     for j in tl.static_range(M_TILES):
         if X_FRAGMENTS:  # Note [x fragments]
-            x_ats = x_ats + (x_ptr.to(tl.int64) + group * X_STEP + j * (512 * VEC) + lane * 16,)
+            x_starts = x_starts + (x_ptr.to(tl.int64) + start * X_STEP + j * (512 * VEC) + lane * 16,)
         else:
-            x_ats = x_ats + (x_ptr.to(tl.int64) + group * X_STEP + t * (16 * VEC)
-                             + tl.minimum(8 * j + g, M - 1).to(tl.int64) * stride_xm * 2,)
+            x_starts = x_starts + (x_ptr.to(tl.int64) + start * X_STEP + t * (16 * VEC)
+                                   + tl.minimum(8 * j + g, M - 1).to(tl.int64) * stride_xm * 2,)
         zeros = zeros + (0.0, 0.0, 0.0, 0.0)
-    acc = ()
-    for r in tl.static_range(ROW_TILES):
-        acc = acc + (zeros,)
     # Note [shared scales]: in an iteration, lane t of a quad decodes the scales of group t % UNROLL
     # (rows g and g + 8, the same for the whole quad) and the quad shuffles them: two double-quant
     # decodes per lane, row tile and iteration instead of 2 UNROLL.
@@ -728,7 +762,10 @@ def _mma_gemv_kernel(
     # iteration loads from safe places instead and never uses the values. H100, run 117, best
     # configs with the table at M = 1: 2-5% faster on four shapes (4096 x 14336 20.7 -> 20.1 us,
     # 8192 x 8192 23.0 -> 21.8), the same on 14336 x 4096; the others unchanged (outputs bit-identical).
-    first = group + mine
+    # With tiled codes ptxas moves the W loads (read-only, .nc) past the table's barrier (sm_90 SASS of
+    # (4, 4, 1) with the table, 2026-11-24); made coherent loads with side effects, which stay before
+    # it, they gained nothing consistent (run 171: M = 1 -2% to +5% per shape), so they are left so.
+    first = start + mine
     if DEPTH == 2:
         current = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
                                ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
@@ -740,115 +777,132 @@ def _mma_gemv_kernel(
                                ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
     if TABLE_WORDS > 0:
         _fill_table(table, lane, warp, planes, KSPLIT)
-    if DEPTH == 2:
-        if n_iter > 0:
-            for i in range(n_iter - 2):
-                ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES, BLOCKSIZE,
-                                  W_BYTES, TILED)
-                acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
+    for s in range(n_mine):
+        tile = first_tile + s
+        if TILES > 1:
+            row_blocks, w_ats = _tile_at(tile, packed_ptr, start, g, t, lane, N, K, BLOCKSIZE, VEC, W_BYTES,
+                                         ROW_TILES, TILED)
+        x_ats = x_starts
+        group = start
+        acc = ()
+        for r in tl.static_range(ROW_TILES):
+            acc = acc + (zeros,)
+        if DEPTH == 2:
+            if n_iter > 0:
+                for i in range(n_iter - 2):
+                    ahead = _fetch_at(i + 2, w_ats, row_blocks, first, absmax_ptr, VEC, UNROLL, ROW_TILES,
+                                      BLOCKSIZE, W_BYTES, TILED)
+                    acc = _iteration_at(acc, current, i, x_ats, row_blocks, first, sources, nested_absmax_ptr,
+                                        nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
+                                        DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
+                    current = following
+                    following = ahead
+                if n_iter >= 2:
+                    acc = _iteration_at(acc, current, n_iter - 2, x_ats, row_blocks, first, sources,
+                                        nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL,
+                                        M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS,
+                                        X_FRAGMENTS, X_STEP)
+                    current = following
+                acc = _iteration_at(acc, current, n_iter - 1, x_ats, row_blocks, first, sources, nested_absmax_ptr,
                                     nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
                                     DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
-                current = following
-                following = ahead
-            if n_iter >= 2:
-                acc = _iteration_at(acc, current, n_iter - 2, x_ats, row_blocks, first, sources,
-                                    nested_absmax_ptr, nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES,
-                                    FLOAT16, DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS,
-                                    X_STEP)
-                current = following
-            acc = _iteration_at(acc, current, n_iter - 1, x_ats, row_blocks, first, sources, nested_absmax_ptr,
-                                nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16,
-                                DOUBLE_QUANT, ROW_TILES, BLOCKSIZE, TABLE_WORDS, X_FRAGMENTS, X_STEP)
-        w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
-        x_ats = _moved(x_ats, n_iter * (UNROLL * X_STEP), M_TILES)
-        group += n_iter * UNROLL
-    elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
-        blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
-        for _ in range(n_iter - 1):
+            w_ats = _advance(w_ats, n_iter * (UNROLL * W_BYTES), ROW_TILES)
+            x_ats = _moved(x_ats, n_iter * (UNROLL * X_STEP), M_TILES)
+            group += n_iter * UNROLL
+        elif n_iter > 0:  # DEPTH 1: addresses advanced in place (measured faster at M = 16 than by index)
+            blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
+            for _ in range(n_iter - 1):
+                current = fetched
+                next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
+                next_blocks = _advance(row_blocks, next_block, ROW_TILES)
+                fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES),
+                                 _advance(next_blocks, absmax_ptr, ROW_TILES), W_BYTES, VEC, UNROLL, ROW_TILES, TILED)
+                acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
+                                 planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
+                                 TABLE_WORDS, X_FRAGMENTS, X_STEP)
+                w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
+                x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
+                group += UNROLL
+                blocks = next_blocks
             current = fetched
-            next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
-            next_blocks = _advance(row_blocks, next_block, ROW_TILES)
-            fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES), _advance(next_blocks, absmax_ptr, ROW_TILES),
-                             W_BYTES, VEC, UNROLL, ROW_TILES, TILED)
+            if TILES > 1:  # the next tile's first loads, in flight through this tile's last math and sums
+                next_blocks, next_w_ats = _tile_at(tile + 1, packed_ptr, start, g, t, lane, N, K, BLOCKSIZE, VEC,
+                                                   W_BYTES, ROW_TILES, TILED)
+                fetched = _fetch_first(0, next_w_ats, next_blocks, first, absmax_ptr, code_planes_ptr,
+                                       s + 1 < n_mine, VEC, UNROLL, ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
             acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
                              planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
                              X_FRAGMENTS, X_STEP)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
             group += UNROLL
-            blocks = next_blocks
-        acc = _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                         planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
-                         X_FRAGMENTS, X_STEP)
-        w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
-        x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
-        group += UNROLL
-    for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
-        block = group * GROUP // BLOCKSIZE
-        words = ()
-        scales = ()
-        for r in tl.static_range(ROW_TILES):
-            words = words + (_words(w_ats[r][0], w_ats[r][1], VEC),)
-            first_g, first_g8 = row_blocks[r]
-            scales = scales + ((_scale(tl.load(absmax_ptr + first_g + block), first_g + block, nested_absmax_ptr,
-                                       nested_code_ptr, shift, DOUBLE_QUANT),
-                                _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block, nested_absmax_ptr,
-                                       nested_code_ptr, shift, DOUBLE_QUANT)),)
-        acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS,
-                     X_FRAGMENTS)
-        w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
-        x_ats = _moved(x_ats, X_STEP, M_TILES)
-        group += 1
-    M_PAD: tl.constexpr = 8 * M_TILES
-    if SHARED_SUMS:
-        # Note [epilogue]: the warps' partial sums of the program's rows, (KSPLIT, M_PAD columns of y.T,
-        # ROWS rows) float32 in shared memory; after a barrier each thread sums the KSPLIT partials of
-        # the outputs tid, tid + 32 KSPLIT, ... (row fastest: neighbouring threads store neighbouring y).
-        base = _partials_base(tile, KSPLIT * M_PAD * ROWS)
-        mine_at = base + warp * (M_PAD * ROWS * 4)
-        for r in tl.static_range(ROW_TILES):
-            row = 16 * r + g
-            for c in tl.static_range(2 * M_TILES):
-                col = 2 * t + 8 * (c // 2) + (c % 2)
-                _shared_store(mine_at + (col * ROWS + row) * 4, acc[r][4 * (c // 2) + (c % 2)])
-                _shared_store(mine_at + (col * ROWS + row + 8) * 4, acc[r][4 * (c // 2) + 2 + (c % 2)])
-        tl.debug_barrier()
-        tid = warp * 32 + lane
-        for j in tl.static_range((ROWS * M_PAD + 32 * KSPLIT - 1) // (32 * KSPLIT)):
-            o = tl.minimum(tid + j * (32 * KSPLIT), ROWS * M_PAD - 1)
-            row = o % ROWS
-            col = o // ROWS
-            y = 0.0
-            for w in tl.static_range(KSPLIT):
-                y += _shared_load(base + ((w * M_PAD + col) * ROWS + row) * 4)
-            out_row = tile * ROWS + row
+        for _ in range(count % UNROLL):  # the rest, one group at a time, each lane decoding its own scales
+            block = group * GROUP // BLOCKSIZE
+            words = ()
+            scales = ()
+            for r in tl.static_range(ROW_TILES):
+                words = words + (_words(w_ats[r][0], w_ats[r][1], VEC),)
+                first_g, first_g8 = row_blocks[r]
+                scales = scales + ((_scale(tl.load(absmax_ptr + first_g + block), first_g + block, nested_absmax_ptr,
+                                           nested_code_ptr, shift, DOUBLE_QUANT),
+                                    _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block,
+                                           nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)),)
+            acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
+                         TABLE_WORDS, X_FRAGMENTS)
+            w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
+            x_ats = _moved(x_ats, X_STEP, M_TILES)
+            group += 1
+        if SHARED_SUMS:
+            # Note [epilogue]: the warps' partial sums of the tile's rows, (KSPLIT, M_PAD columns of y.T,
+            # ROWS rows) float32 in shared memory; after a barrier each thread sums the KSPLIT partials of
+            # the outputs tid, tid + 32 KSPLIT, ... (row fastest: neighbouring threads store neighbouring y).
+            mine_at = base + warp * (M_PAD * ROWS * 4)
+            for r in tl.static_range(ROW_TILES):
+                row = 16 * r + g
+                for c in tl.static_range(2 * M_TILES):
+                    col = 2 * t + 8 * (c // 2) + (c % 2)
+                    _shared_store(mine_at + (col * ROWS + row) * 4, acc[r][4 * (c // 2) + (c % 2)])
+                    _shared_store(mine_at + (col * ROWS + row + 8) * 4, acc[r][4 * (c // 2) + 2 + (c % 2)])
+            tl.debug_barrier()
+            tid = warp * 32 + lane
+            for j in tl.static_range((ROWS * M_PAD + 32 * KSPLIT - 1) // (32 * KSPLIT)):
+                o = tl.minimum(tid + j * (32 * KSPLIT), ROWS * M_PAD - 1)
+                row = o % ROWS
+                col = o // ROWS
+                y = 0.0
+                for w in tl.static_range(KSPLIT):
+                    y += _shared_load(base + ((w * M_PAD + col) * ROWS + row) * 4)
+                out_row = tile * ROWS + row
+                if HAS_BIAS:
+                    y += tl.load(bias_ptr + tl.minimum(out_row, N - 1)).to(tl.float32)
+                valid = (tid + j * (32 * KSPLIT) < ROWS * M_PAD) & (col < M) & (out_row < N)
+                _store_half(out_ptr.to(tl.int64) + (col.to(tl.int64) * stride_om + out_row) * 2, y,
+                            valid.to(tl.int32), FLOAT16)
+            if TILES > 1:
+                tl.debug_barrier()  # every partial read before the next tile's are written
+        else:
+            # The warps' partial sums of the tile's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
+            part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
+            for r in tl.static_range(ROW_TILES):
+                row = 16 * r + g
+                for j in tl.static_range(M_TILES):
+                    col = 2 * t + 8 * j
+                    _store2(part + (row * M_PAD + col) * 4, acc[r][4 * j], acc[r][4 * j + 1],
+                            (col < M).to(tl.int32))
+                    _store2(part + ((row + 8) * M_PAD + col) * 4, acc[r][4 * j + 2], acc[r][4 * j + 3],
+                            (col < M).to(tl.int32))
+            tl.debug_barrier()
+            warps = tl.arange(0, KSPLIT)
+            rows = tl.arange(0, ROWS)
+            cols = tl.arange(0, M_PAD)
+            parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * ROWS + rows[None, :, None])
+                            * M_PAD + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)
+            y = tl.sum(parts, axis=0)  # (ROWS, M_PAD): y.T
+            out_rows = tile * ROWS + rows
             if HAS_BIAS:
-                y += tl.load(bias_ptr + tl.minimum(out_row, N - 1)).to(tl.float32)
-            valid = (tid + j * (32 * KSPLIT) < ROWS * M_PAD) & (col < M) & (out_row < N)
-            _store_half(out_ptr.to(tl.int64) + (col.to(tl.int64) * stride_om + out_row) * 2, y, valid.to(tl.int32),
-                        FLOAT16)
-    else:
-        # The warps' partial sums of the program's rows, (KSPLIT, ROWS rows, M_PAD columns of y.T) float32.
-        part = scratch_ptr.to(tl.int64) + ((tile * KSPLIT + warp) * ROWS * M_PAD).to(tl.int64) * 4
-        for r in tl.static_range(ROW_TILES):
-            row = 16 * r + g
-            for j in tl.static_range(M_TILES):
-                col = 2 * t + 8 * j
-                _store2(part + (row * M_PAD + col) * 4, acc[r][4 * j], acc[r][4 * j + 1], (col < M).to(tl.int32))
-                _store2(part + ((row + 8) * M_PAD + col) * 4, acc[r][4 * j + 2], acc[r][4 * j + 3],
-                        (col < M).to(tl.int32))
-        tl.debug_barrier()
-        warps = tl.arange(0, KSPLIT)
-        rows = tl.arange(0, ROWS)
-        cols = tl.arange(0, M_PAD)
-        parts = tl.load(scratch_ptr + ((tile * KSPLIT + warps)[:, None, None] * ROWS + rows[None, :, None]) * M_PAD
-                        + cols[None, None, :], mask=(cols < M)[None, None, :], other=0.0)  # (KSPLIT, ROWS, M_PAD)
-        y = tl.sum(parts, axis=0)  # (ROWS, M_PAD): y.T
-        out_rows = tile * ROWS + rows
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
-                 y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
+                y += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + cols[None, :].to(tl.int64) * stride_om + out_rows[:, None],
+                     y.to(out_ptr.dtype.element_ty), mask=(out_rows < N)[:, None] & (cols < M)[None, :])
 
 
 class MmaConfig(NamedTuple):
@@ -859,6 +913,7 @@ class MmaConfig(NamedTuple):
     depth: int = 1          # iterations from a load to its use (Note [fetch ahead])
     shared_sums: bool = True  # the warps' sums meet in shared memory, else in global scratch (Note [epilogue])
     table: int = 0          # quarters of a group's words looked up in the shared table (Note [pair table])
+    tiles: int = 1          # tiles of 16 row_tiles rows per program, one after the other (Note [tiles per program])
 
 
 # One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
@@ -873,6 +928,9 @@ MMA_CONFIGS = _LOOPS + [config._replace(shared_sums=False) for config in _LOOPS]
 MMA_TABLE_CONFIGS = [MmaConfig(ksplit, 4, row_tiles, table=table) for row_tiles in (1, 2) for ksplit in (4, 8)
                      for table in (3, 4)]
 MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 4)]
+# Several tiles per program won at M = 1 on the shapes whose rows are many and short (runs 169-170,
+# Note [tiles per program]) and lost at M = 16.
+MMA_TABLE_CONFIGS += [MmaConfig(4, 4, 1, table=table, tiles=tiles) for tiles in (2, 4) for table in (3, 4)]
 # Also timed for 8 < M <= 16: the one table config that won there (run 154, Note [pair table]).
 MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4)]
 
@@ -931,23 +989,24 @@ def x_fragments(x2d: torch.Tensor, vec: int, m_tiles: int) -> torch.Tensor:
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
-    ksplit, unroll, row_tiles, depth, shared_sums, table = config
+    ksplit, unroll, row_tiles, depth, shared_sums, table, tiles_per_program = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = column_tiles(m)
     fragments = m_tiles > 4  # Note [x fragments]
     x = x_fragments(x2d, words_per_lane(weight.blocksize), m_tiles) if fragments else x2d
-    programs = triton.cdiv(n, 16 * row_tiles)
+    tiles = triton.cdiv(n, 16 * row_tiles)
     if shared_sums:
         scratch = out  # not read
     else:
-        scratch = torch.empty(programs * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
-    _MMA_GEMV((programs,), (
+        scratch = torch.empty(tiles * ksplit * 16 * row_tiles * 8 * m_tiles, dtype=torch.float32, device=x2d.device)
+    _MMA_GEMV((triton.cdiv(tiles, tiles_per_program),), (
         x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS, TILED
+        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS, TILED, TILES
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
-        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments, weight.tiled),
+        x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments, weight.tiled,
+        tiles_per_program),
         num_warps=ksplit)
 
 
@@ -963,6 +1022,8 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
                bias is not None, x2d.device, weight.tiled)
         config = choose_config(_CHOSEN, key, lambda: _timed_configs(m), lambda: untimed_config(weight.n_rows, m),
                                lambda c: _launch(x2d, weight, bias, out, c))
+    elif config.tiles > 1 and config.depth != 1:
+        raise ValueError(f"nf4_mma: {config}: several tiles per program need depth=1 (Note [tiles per program])")
     elif shared_bytes(config, m) > STATIC_SHARED_MAX:
         raise ValueError(f"nf4_mma: {config} at M = {m} needs {shared_bytes(config, m)} bytes "
                          f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "

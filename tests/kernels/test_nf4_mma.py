@@ -91,6 +91,14 @@ def test_a_config_over_the_shared_memory_is_refused_by_name():
         nf4_mma.mma_gemv(x, weight, None, torch.empty(16, 64, dtype=torch.bfloat16), config)
 
 
+def test_several_tiles_per_program_with_loads_two_iterations_ahead_are_refused():
+    weight = kernels.prepare(*random_nf4(64, 256))
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    config = nf4_mma.MmaConfig(8, 4, 1, depth=2, tiles=2)
+    with pytest.raises(ValueError, match=r"depth=2, .*tiles=2\): several tiles per program need depth=1"):
+        nf4_mma.mma_gemv(x, weight, None, torch.empty(1, 64, dtype=torch.bfloat16), config)
+
+
 def test_matmul_nf4_mma_says_what_it_needs():
     packed, state = random_nf4(32, 128)
     x = torch.randn(1, 128, dtype=torch.float16)

@@ -59,6 +59,27 @@ def test_pair_table_at_every_share_with_two_x_tiles_float16_and_plain_scales(tab
     _run(100, 1024, 64, 1, config=config._replace(shared_sums=False))
 
 
+@pytest.mark.parametrize("tiles", [2, 4])
+@pytest.mark.parametrize("m", [1, 5, 16, 64])
+@pytest.mark.parametrize("n_rows,n_cols,blocksize,tiled", [(1000, 4160, 64, False), (1008, 4160, 64, True),
+                                                          (4101, 1088, 32, False), (96, 5120, 1024, True)])
+def test_several_tiles_per_program_give_the_sums_of_one(n_rows, n_cols, blocksize, tiled, m, tiles):
+    """Note [tiles per program]: bit for bit the output of one tile per program, with a last program
+    short of tiles, remainder loops, both layouts and both epilogues (every fifth depth-1 config)."""
+    packed, state = random_nf4(n_rows, n_cols, blocksize, True, device="cuda")
+    weight = (kernels.prepare(kernels.tile_codes(packed, state), state, tiled=True) if tiled
+              else kernels.prepare(packed, state))
+    x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16)
+    for config in [c for c in nf4_mma._timed_configs(m) if c.depth == 1][::5]:
+        one = nf4_mma.mma_gemv(x, weight, b, torch.empty(m, n_rows, device="cuda", dtype=torch.bfloat16),
+                               config._replace(tiles=1))
+        several = nf4_mma.mma_gemv(x, weight, b, torch.empty(m, n_rows, device="cuda", dtype=torch.bfloat16),
+                                   config._replace(tiles=tiles))
+        assert torch.equal(several, one), config
+    assert_matmul_close(one, x, reference.dequantize_nf4(packed, state, torch.float32).T, b, RTOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024])
 @pytest.mark.parametrize("m", [1, 16, 33])
 def test_blocksizes(blocksize, m):

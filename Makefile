@@ -31,10 +31,12 @@ test-fast: $(VENV)/.installed
 
 # On a CUDA machine whose python already has torch and triton (the lent GPU): no venv. Kernels take
 # their first config untimed (KERNELS_TUNE=0, kernels/launch.py), so the math is checked in minutes;
-# `make test-gpu KERNELS_TUNE=1` times every config per shape, as users' calls do.
+# `make test-gpu KERNELS_TUNE=1 JOBS=1` times every config per shape, as users' calls do. The tests
+# are compile-bound, so JOBS pytest processes share them (tests/run_gpu.py).
 KERNELS_TUNE ?= 0
+JOBS ?= 8
 test-gpu:
-	KERNELS_TUNE=$(KERNELS_TUNE) PYTHONPATH=. $(PYTHON) -m pytest -m gpu -q
+	KERNELS_TUNE=$(KERNELS_TUNE) PYTHONPATH=. $(PYTHON) -m tests.run_gpu --jobs $(JOBS)
 
 bench:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.nf4_matmul

@@ -1,0 +1,38 @@
+"""tests/run_gpu.py: the GPU tests dealt to several pytest processes."""
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.run_gpu import shares
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shares_deal_every_id_once_round_robin():
+    ids = [f"t{i}" for i in range(7)]
+    assert shares(ids, 3) == [["t0", "t3", "t6"], ["t1", "t4"], ["t2", "t5"]]
+    assert shares(ids[:2], 5) == [["t0"], ["t1"]]
+    assert shares([], 4) == []
+    assert shares(ids, 0) == [ids]
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tests.run_gpu", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_a_failing_gpu_test_fails_the_run_and_is_named(tmp_path):
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\npytestmark = pytest.mark.gpu\n\n"
+        "def test_passes():\n    pass\n\n"
+        "def test_fails():\n    assert 1 == 2\n\n"
+        "@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_many(n):\n    pass\n")
+    (tmp_path / "test_not_gpu.py").write_text("def test_cpu():\n    assert False\n")  # not collected: -m gpu
+    done = _run(tmp_path, "--jobs", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "5 tests in 2 processes" in done.stdout
+    assert "FAILED test_some.py::test_fails" in done.stdout
+    assert "test_cpu" not in done.stdout
+    passing = _run(tmp_path, "--jobs", "3", "-k", "not fails")
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert "4 tests in 3 processes" in passing.stdout

@@ -5,9 +5,10 @@
 The layer holds the packed codes (`weight`, uint8 ((out*in+1)//2, 1)), the block statistics as
 buffers, an optional bias and a compute dtype; there is never a full-precision copy of W. Forward
 and backward each dequantize W for one matmul and drop it (see `_matmul_4bit` and
-`_matmul_4bit_t`: CUDA fp16/bf16 inputs take the Triton kernels of `kernels/`, others
-`dequantize_4bit` and a matmul). The weight is
-frozen: the backward returns a gradient for the input (and, through autograd, for the bias).
+`_matmul_4bit_t`: CUDA fp16/bf16 inputs take the Triton kernels of `kernels/`, others `dequantize`
+and a matmul; on the GPU `dequantize` is the kernels' dequantization in every dtype, the values of
+`dequantize_4bit` bit for bit). The weight is frozen: the backward returns a gradient for the input
+(and, through autograd, for the bias).
 
 Note [the bitsandbytes state dict]
     For a layer at prefix P, `state_dict()` holds exactly what bitsandbytes writes, so pre-quantized
@@ -305,7 +306,9 @@ class Linear4bit(nn.Module):
         """W (out, in) in `dtype` (default: compute_dtype), a new tensor, not tracked by autograd."""
         dtype = dtype or self.compute_dtype
         with torch.no_grad():
-            if self.weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and _kernels_available():
+            # On the GPU the kernel writes the reference's values bit for bit, in float32 too, from
+            # either layout (a float32 reference call would first untile the codes: row_codes()).
+            if self.weight.is_cuda and dtype in (torch.float32, torch.float16, torch.bfloat16) and _kernels_available():
                 import kernels
                 return kernels.dequantize_nf4(self.weight, self.kernel_weight(), dtype)
             return dequantize_4bit(self.row_codes(), self.quant_state, dtype=dtype)
@@ -321,8 +324,7 @@ class Linear4bit(nn.Module):
                 import kernels
                 return kernels.dequantize_nf4_lowrank(self.weight, self.kernel_weight(), lora_b, lora_a, scaling, dtype)
             from kernels import reference  # plain PyTorch, no Triton: the same formula as the kernel
-            weight = dequantize_4bit(self.row_codes(), self.quant_state, dtype=torch.float32)  # = reference's
-            return reference.add_lowrank(weight, lora_b, lora_a, scaling, dtype)
+            return reference.add_lowrank(self.dequantize(torch.float32), lora_b, lora_a, scaling, dtype)
 
     def input_gradient(self, grad: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float,
                        grad_b: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,8 +28,8 @@ def test_cuda_forward_and_backward_match_the_reference(m, shape, dtype):
     expected_grad = g.double() @ w_ref.double()
     err = (x.grad.double() - expected_grad).norm() / expected_grad.norm()
     assert err < 1e-2, err
-    assert torch.equal(layer.dequantize(torch.float32), w_ref) or torch.allclose(
-        layer.dequantize(dtype).float(), w_ref.to(dtype).float())
+    assert torch.equal(layer.dequantize(torch.float32), w_ref)  # the kernel, bit for bit
+    assert torch.equal(layer.dequantize(dtype), w_ref.to(dtype))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,7 +52,9 @@ def test_tiled_codes_compute_the_same_and_save_rows(m):
         layer.out, layer.grad = y.detach(), x.grad.clone()
         x.grad = None
     assert torch.equal(tiled.out, rows.out) and torch.equal(tiled.grad, rows.grad)
-    assert torch.equal(tiled.dequantize(torch.float32), rows.dequantize(torch.float32))  # the reference path
+    assert torch.equal(tiled.dequantize(torch.float32), rows.dequantize(torch.float32))
+    w_ref = quant.dequantize_4bit(codes, rows.quant_state, dtype=torch.float32)
+    assert torch.equal(tiled.dequantize(torch.float32), w_ref)  # the kernel on tiles, no untiled copy
     state = tiled.state_dict()
     assert all(torch.equal(value, rows.state_dict()[key]) for key, value in state.items())
     tiled.load_state_dict(state)
@@ -66,3 +68,19 @@ def test_tiled_codes_compute_the_same_and_save_rows(m):
     assert not rows.codes_tiled and torch.equal(rows.weight, codes)
     model = torch.nn.Sequential(rows, quant.Linear4bit(320, 250, device="cuda"))  # 250 rows do not tile
     assert quant.tile_codes(model) == 1 and rows.codes_tiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float32_compute_dequantizes_the_tiled_codes_with_the_kernel():
+    """float32 inputs take `dequantize` and a matmul; on the GPU that is the kernel's dequantization,
+    the reference's values bit for bit, read from the tiled codes."""
+    weight = torch.randn(256, 320, device="cuda") * 0.05
+    layer = quant.Linear4bit.from_weight(weight, None, compute_dtype=torch.float32)
+    assert layer.codes_tiled
+    w_ref = quant.dequantize_4bit(layer.row_codes(), layer.quant_state, dtype=torch.float32)
+    x = torch.randn(5, 320, device="cuda", requires_grad=True)
+    assert not _on_kernels(x)
+    y = layer(x)
+    assert torch.equal(y, x.detach() @ w_ref.T)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.ones(5, 256, device="cuda") @ w_ref)

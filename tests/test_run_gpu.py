@@ -31,8 +31,26 @@ def test_a_failing_gpu_test_fails_the_run_and_is_named(tmp_path):
     done = _run(tmp_path, "--jobs", "2")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "5 tests in 2 processes" in done.stdout
-    assert "FAILED test_some.py::test_fails" in done.stdout
+    assert "FAILED test_some.py::test_fails - assert 1 == 2" in done.stdout
+    assert "1 failed beside the others; again, alone:\n1 failed" in done.stdout
     assert "test_cpu" not in done.stdout
     passing = _run(tmp_path, "--jobs", "3", "-k", "not fails")
     assert passing.returncode == 0, passing.stdout + passing.stderr
     assert "4 tests in 3 processes" in passing.stdout
+
+
+def test_a_test_that_fails_only_beside_the_others_passes_alone(tmp_path):
+    """The first run of test_flaky fails (as under another process's memory pressure), the rerun alone
+    passes: the run passes, and says so."""
+    (tmp_path / "test_some.py").write_text(
+        "import pathlib\nimport pytest\npytestmark = pytest.mark.gpu\n\n"
+        "def test_flaky():\n"
+        "    mark = pathlib.Path(__file__).with_name('ran_once')\n"
+        "    first = not mark.exists()\n"
+        "    mark.touch()\n"
+        "    assert not first, 'out of memory'\n\n"
+        "def test_passes():\n    pass\n")
+    done = _run(tmp_path, "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAILED test_some.py::test_flaky - AssertionError: out of memory" in done.stdout
+    assert "1 failed beside the others; again, alone:\n1 passed" in done.stdout

@@ -170,8 +170,10 @@ Note [pair table]
     H200, runs 131 and 136, by 5-17% on the five benchmark shapes (8192 x 8192 21.9 -> 18.8,
     4096 x 14336 19.2 -> 16.8, 28672 x 8192 60.5 -> 56.3) and by -5% to +9% on Llama-3.2-1B's. At
     M = 16, where x's fragments add MIO loads, it won nowhere (run 115), so only M <= 8 times the
-    table configs, but for one: with tiled codes (8, 2, 2) with the whole table took 4096 x 4096
-    from 9.4 to 8.9 us (run 154; no other shape gained), so 8 < M <= 16 times it too.
+    table configs, but for three: with tiled codes (8, 2, 2) with the whole table took 4096 x 4096
+    from 9.4 to 8.9 us (run 154; no other shape gained), and with a quarter of the words from the
+    table (8, 2, 2) took 8192 x 8192 from 21.9 to 20.3 us and (4, 2, 1) 14336 x 4096 from 21.7 to
+    21.3 (run 185; 1-3 quarters on five loops tried), so 8 < M <= 16 times those too.
     In a decoding step (H200, GPU time of back-to-back replays of the captured step, runs 133 and
     136): 1B 2.83-2.85 against 2.86-2.90 ms, 8B 7.32-7.41 against 7.47-7.54. The eleventh session
     had measured graphed decoding 1.3x slower with the table, by wall time per generated token,
@@ -931,8 +933,8 @@ MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 
 # Several tiles per program won at M = 1 on the shapes whose rows are many and short (runs 169-170,
 # Note [tiles per program]) and lost at M = 16.
 MMA_TABLE_CONFIGS += [MmaConfig(4, 4, 1, table=table, tiles=tiles) for tiles in (2, 4) for table in (3, 4)]
-# Also timed for 8 < M <= 16: the one table config that won there (run 154, Note [pair table]).
-MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4)]
+# Also timed for 8 < M <= 16: the table configs that won there (runs 154 and 185, Note [pair table]).
+MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4), MmaConfig(8, 2, 2, table=1), MmaConfig(4, 2, 1, table=1)]
 
 STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically (more must be dynamic)
 

@@ -377,7 +377,7 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         keep = lambda t: t if keep_vars else t.detach()  # noqa: E731
-        destination[prefix + "weight"] = keep(self.weight) if not self.codes_tiled else self.row_codes()
+        destination[prefix + "weight"] = keep(self.row_codes())  # Note [tiled codes on the GPU]
         if self.bias is not None:
             destination[prefix + "bias"] = keep(self.bias)
         state = self.quant_state

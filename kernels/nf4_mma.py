@@ -23,7 +23,8 @@ shared memory). In an iteration the warp's next words are already loading (Note 
 and a quad shares its scale decodes (Note [shared scales]). A warp may cover two 16-row tiles
 with the same x fragments (Note [row tiles]), and the warps' sums meet in shared memory (Note
 [epilogue]). At M <= 8 some configs look up a share of the words in a byte -> pair table in shared
-memory instead, to take work off the ALU pipe that the permutes saturate (Note [pair table]).
+memory instead, to take work off the ALU pipe that the permutes saturate (Note [pair table]). At
+M = 16 some load x's fragments an iteration ahead too (Note [x ahead]).
 
 Note [fetch ahead]
     In the PTX, each iteration issues the next one's loads before its own math; ptxas moves them to
@@ -115,6 +116,26 @@ Note [tiles per program]
     15.3 -> 20.9), which the tuning leaves out. At M = 16 14336 x 4096 went from 22.4 to 26.9 us, so
     only M <= 8 times it. A graphed 8B decoding step: 7.21 -> 7.18 ms (run 175). The sums and outputs
     are those of one tile per program, bit for bit.
+
+Note [x ahead]
+    Each lane's x fragments used to be loaded in the iteration that uses them (Note [column tiles]), so
+    every iteration waited on them: mostly L1 or L2 hits, but at M = 16 the programs of the short-K
+    shapes run few warps per SM (136 registers for (8, 2, 2) with the table: one program of 8 warps),
+    and Nsight Compute had them stalled on loads more than on anything else (H100, 2026-11-24, run 189:
+    4096 x 4096, 2.3 cycles of "long scoreboard" per issued instruction, 8 warps per SM, issue slots
+    31% busy). With the x loads replaced by values made from their addresses (no x at all; run 194)
+    the best of 13 configs took 4096 x 4096 from 8.94 to 7.99 us, 14336 x 4096 from 21.65 to 17.79 and
+    8192 x 8192 from 20.62 to 17.00. X_AHEAD loads an iteration's x fragments with its words, one
+    iteration ahead (the first before the table is filled), for UNROLL x M_TILES x 4 VEC more registers
+    (the timed M = 16 ones: 123 -> 128, (8, 2, 2) with the table 136 -> 176). H100, graph replay, L2
+    cleared (runs 195-197), the timed set's best against the best with x ahead: M = 16 4096 x 4096
+    8.76 -> 8.10 us ((8, 2, 1) with half the words from the table), 14336 x 4096 21.35 -> 20.42
+    ((4, 2, 1), a quarter), 4096 x 14336 20.07 -> 18.28 ((8, 2, 1), half); 8192 x 8192 and 28672 x 8192
+    kept their configs without it (their fastest with x ahead: 21.4 and 67.2 us against 20.5 and 63.8).
+    At M = 1 it won nowhere (7.23 -> 7.65 us on 4096 x 4096 at best; run 195). Register caps that would
+    fit more programs per SM (96, 80) spilled and lost 15-75% (run 198). The sums are those of the same
+    config without it, bit for bit. Only with DEPTH 1 and up to 16 rows of x: above, the fragments of
+    4 or 8 column tiles would take 64-128 more registers, and some launches failed (run 199).
 
 Note [column tiles]
     The mma's 8 columns are 8 rows of x (y.T = W @ x.T); M rows take column_tiles(M) = 1, 2, 4 or 8
@@ -517,15 +538,19 @@ def _fetch(w_ats, entry_ats, w_step, VEC: tl.constexpr, UNROLL: tl.constexpr, RO
 
 
 @triton.jit
-def _group(acc, words, x_ats, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
-           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr):
+def _group(acc, words, x_ats, x_given, scales, planes, lane_table, VEC: tl.constexpr, M_TILES: tl.constexpr,
+           FLOAT16: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr,
+           X_AHEAD: tl.constexpr):
     """acc (per row tile, 4 M_TILES float32: C of each column tile) += scale * (one group's mmas): words
     (per row tile, from _words), scales (per row tile, those of its rows g and g + 8), x_ats the byte
-    addresses of this lane's x fragments (one per column tile; Note [x fragments]). Every row tile
-    multiplies the same x fragments: Note [row tiles]."""
+    addresses of this lane's x fragments (one per column tile; Note [x fragments]), or with X_AHEAD the
+    fragments themselves in x_given (Note [x ahead]). Every row tile multiplies the same x fragments:
+    Note [row tiles]."""
     p0, p1, p2, p3, p4, p5, p6, p7 = planes
     xs = ()
-    if ROW_TILES > 1:  # loaded once for every row tile; with one, each where it is used
+    if X_AHEAD:
+        xs = x_given
+    elif ROW_TILES > 1:  # loaded once for every row tile; with one, each where it is used
         for j in tl.static_range(M_TILES):
             xs = xs + (_x_group(x_ats[j], VEC, X_FRAGMENTS),)
     new_acc = ()
@@ -545,7 +570,7 @@ def _group(acc, words, x_ats, scales, planes, lane_table, VEC: tl.constexpr, M_T
             pairs = pairs + ((a01, b01, a23, b23, a45, b45, a67, b67),)
         sums = ()
         for j in tl.static_range(M_TILES):
-            if ROW_TILES > 1:
+            if X_AHEAD or ROW_TILES > 1:
                 x = xs[j]
             else:
                 x = _x_group(x_ats[j], VEC, X_FRAGMENTS)
@@ -571,13 +596,13 @@ def _moved(addresses, step, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
+def _iteration(acc, fetched, x_ats, x_given, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift, planes,
                lane_table, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
                DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, TABLE_WORDS: tl.constexpr,
-               X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr):
+               X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr, X_AHEAD: tl.constexpr):
     """UNROLL groups: for each row tile this lane decodes the scales of one group (blocks[tile] of
     rows g and g + 8) and takes the others from its quad (Note [shared scales]); X_STEP: bytes of x
-    per group."""
+    per group; with X_AHEAD, x_given holds the iteration's x fragments (_x_iteration)."""
     words, entries = fetched
     scales = ()
     for r in tl.static_range(ROW_TILES):
@@ -589,8 +614,12 @@ def _iteration(acc, fetched, x_ats, blocks, sources, nested_absmax_ptr, nested_c
         shared = ()
         for r in tl.static_range(ROW_TILES):
             shared = shared + ((_shuffle(scales[r][0], sources[u]), _shuffle(scales[r][1], sources[u])),)
-        acc = _group(acc, words[u], _moved(x_ats, u * X_STEP, M_TILES), shared, planes, lane_table, VEC, M_TILES,
-                     FLOAT16, ROW_TILES, TABLE_WORDS, X_FRAGMENTS)
+        if X_AHEAD:
+            x_group = x_given[u]
+        else:
+            x_group = ()
+        acc = _group(acc, words[u], _moved(x_ats, u * X_STEP, M_TILES), x_group, shared, planes, lane_table, VEC,
+                     M_TILES, FLOAT16, ROW_TILES, TABLE_WORDS, X_FRAGMENTS, X_AHEAD)
     return acc
 
 
@@ -643,10 +672,10 @@ def _iteration_at(acc, fetched, j, x_ats, row_blocks, first, sources, nested_abs
                   FLOAT16: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_TILES: tl.constexpr, BLOCKSIZE: tl.constexpr,
                   TABLE_WORDS: tl.constexpr, X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr):
     """_iteration on the loads of iteration j (x_ats: this lane's x addresses in iteration 0)."""
-    return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * X_STEP), M_TILES),
+    return _iteration(acc, fetched, _moved(x_ats, j * (UNROLL * X_STEP), M_TILES), (),
                       _blocks_at(j, row_blocks, first, VEC, UNROLL, ROW_TILES, BLOCKSIZE), sources, nested_absmax_ptr,
                       nested_code_ptr, shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT,
-                      ROW_TILES, TABLE_WORDS, X_FRAGMENTS, X_STEP)
+                      ROW_TILES, TABLE_WORDS, X_FRAGMENTS, X_STEP, False)
 
 
 @triton.jit
@@ -666,6 +695,22 @@ def _x_group(at, VEC: tl.constexpr, X_FRAGMENTS: tl.constexpr):
         x8, x9, x10, x11 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
         x12, x13, x14, x15 = x0 * 0, x0 * 0, x0 * 0, x0 * 0
     return (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+
+
+@triton.jit
+def _x_iteration(x_ats, valid, safe_ptr, VEC: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
+                 X_FRAGMENTS: tl.constexpr, X_STEP: tl.constexpr):
+    """An iteration's x fragments, per group and column tile (Note [x ahead]), from x_ats (this lane's
+    addresses in the iteration's first group) where `valid`, else all from safe_ptr (x's start: at
+    least 16 VEC bytes in rows, 512 VEC in fragment order), whose values are dropped."""
+    xs = ()
+    for u in tl.static_range(UNROLL):
+        group = ()
+        for j in tl.static_range(M_TILES):
+            group = group + (_x_group(tl.where(valid, x_ats[j] + u * X_STEP, safe_ptr.to(tl.int64)), VEC,
+                                      X_FRAGMENTS),)
+        xs = xs + (group,)
+    return xs
 
 
 @triton.jit
@@ -701,7 +746,7 @@ def _mma_gemv_kernel(
     HAS_BIAS: tl.constexpr, M_TILES: tl.constexpr, FLOAT16: tl.constexpr,
     KSPLIT: tl.constexpr, UNROLL: tl.constexpr, ROW_TILES: tl.constexpr, DEPTH: tl.constexpr,
     SHARED_SUMS: tl.constexpr, TABLE_QUARTERS: tl.constexpr, X_FRAGMENTS: tl.constexpr, TILED: tl.constexpr,
-    TILES: tl.constexpr,
+    TILES: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     VEC: tl.constexpr = 4 if BLOCKSIZE >= 128 else BLOCKSIZE // 32  # words per lane per row and group (words_per_lane)
     GROUP: tl.constexpr = 32 * VEC  # columns of K per group
@@ -710,6 +755,7 @@ def _mma_gemv_kernel(
     ROWS: tl.constexpr = 16 * ROW_TILES  # rows of W per tile (and per warp)
     M_PAD: tl.constexpr = 8 * M_TILES
     tl.static_assert(TILES == 1 or DEPTH == 1, "nf4_mma: several tiles per program load one iteration ahead")
+    tl.static_assert(not X_AHEAD or (DEPTH == 1 and M_TILES <= 2), "nf4_mma: x ahead: depth 1, up to 16 rows of x")
     program = tl.program_id(0)
     lane, warp = _lane_ids(program)
     g = lane >> 2
@@ -777,6 +823,10 @@ def _mma_gemv_kernel(
     else:
         fetched = _fetch_first(0, w_ats, row_blocks, first, absmax_ptr, code_planes_ptr, n_iter > 0, VEC, UNROLL,
                                ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
+    if X_AHEAD:  # Note [x ahead]: the first iteration's x with its words
+        x_next = _x_iteration(x_starts, n_iter > 0, x_ptr, VEC, UNROLL, M_TILES, X_FRAGMENTS, X_STEP)
+    else:
+        x_next = ()
     if TABLE_WORDS > 0:
         _fill_table(table, lane, warp, planes, KSPLIT)
     for s in range(n_mine):
@@ -815,26 +865,33 @@ def _mma_gemv_kernel(
             blocks = _advance(row_blocks, first * GROUP // BLOCKSIZE, ROW_TILES)
             for _ in range(n_iter - 1):
                 current = fetched
+                x_current = x_next
                 next_block = (group + UNROLL + mine) * GROUP // BLOCKSIZE
                 next_blocks = _advance(row_blocks, next_block, ROW_TILES)
                 fetched = _fetch(_advance(w_ats, UNROLL * W_BYTES, ROW_TILES),
                                  _advance(next_blocks, absmax_ptr, ROW_TILES), W_BYTES, VEC, UNROLL, ROW_TILES, TILED)
-                acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                                 planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
-                                 TABLE_WORDS, X_FRAGMENTS, X_STEP)
+                if X_AHEAD:
+                    x_next = _x_iteration(_moved(x_ats, UNROLL * X_STEP, M_TILES), True, x_ptr, VEC, UNROLL, M_TILES,
+                                          X_FRAGMENTS, X_STEP)
+                acc = _iteration(acc, current, x_ats, x_current, blocks, sources, nested_absmax_ptr, nested_code_ptr,
+                                 shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
+                                 TABLE_WORDS, X_FRAGMENTS, X_STEP, X_AHEAD)
                 w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
                 x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
                 group += UNROLL
                 blocks = next_blocks
             current = fetched
+            x_current = x_next
             if TILES > 1:  # the next tile's first loads, in flight through this tile's last math and sums
                 next_blocks, next_w_ats = _tile_at(tile + 1, packed_ptr, start, g, t, lane, N, K, BLOCKSIZE, VEC,
                                                    W_BYTES, ROW_TILES, TILED)
                 fetched = _fetch_first(0, next_w_ats, next_blocks, first, absmax_ptr, code_planes_ptr,
                                        s + 1 < n_mine, VEC, UNROLL, ROW_TILES, BLOCKSIZE, W_BYTES, TILED)
-            acc = _iteration(acc, current, x_ats, blocks, sources, nested_absmax_ptr, nested_code_ptr, shift,
-                             planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES, TABLE_WORDS,
-                             X_FRAGMENTS, X_STEP)
+                if X_AHEAD:  # the same x as this tile's first iteration
+                    x_next = _x_iteration(x_starts, s + 1 < n_mine, x_ptr, VEC, UNROLL, M_TILES, X_FRAGMENTS, X_STEP)
+            acc = _iteration(acc, current, x_ats, x_current, blocks, sources, nested_absmax_ptr, nested_code_ptr,
+                             shift, planes, lane_table, VEC, UNROLL, M_TILES, FLOAT16, DOUBLE_QUANT, ROW_TILES,
+                             TABLE_WORDS, X_FRAGMENTS, X_STEP, X_AHEAD)
             w_ats = _advance(w_ats, UNROLL * W_BYTES, ROW_TILES)
             x_ats = _moved(x_ats, UNROLL * X_STEP, M_TILES)
             group += UNROLL
@@ -849,8 +906,8 @@ def _mma_gemv_kernel(
                                            nested_code_ptr, shift, DOUBLE_QUANT),
                                     _scale(tl.load(absmax_ptr + first_g8 + block), first_g8 + block,
                                            nested_absmax_ptr, nested_code_ptr, shift, DOUBLE_QUANT)),)
-            acc = _group(acc, words, x_ats, scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
-                         TABLE_WORDS, X_FRAGMENTS)
+            acc = _group(acc, words, x_ats, (), scales, planes, lane_table, VEC, M_TILES, FLOAT16, ROW_TILES,
+                         TABLE_WORDS, X_FRAGMENTS, False)
             w_ats = _advance(w_ats, W_BYTES, ROW_TILES)
             x_ats = _moved(x_ats, X_STEP, M_TILES)
             group += 1
@@ -916,6 +973,7 @@ class MmaConfig(NamedTuple):
     shared_sums: bool = True  # the warps' sums meet in shared memory, else in global scratch (Note [epilogue])
     table: int = 0          # quarters of a group's words looked up in the shared table (Note [pair table])
     tiles: int = 1          # tiles of 16 row_tiles rows per program, one after the other (Note [tiles per program])
+    x_ahead: bool = False   # x's fragments loaded an iteration ahead, with the words; M <= 16 (Note [x ahead])
 
 
 # One warp per program never won on the H100 (runs 36-40), so it is not tried; loads two iterations
@@ -933,8 +991,11 @@ MMA_TABLE_CONFIGS += [MmaConfig(8, 4, 1, depth=2, table=table) for table in (3, 
 # Several tiles per program won at M = 1 on the shapes whose rows are many and short (runs 169-170,
 # Note [tiles per program]) and lost at M = 16.
 MMA_TABLE_CONFIGS += [MmaConfig(4, 4, 1, table=table, tiles=tiles) for tiles in (2, 4) for table in (3, 4)]
-# Also timed for 8 < M <= 16: the table configs that won there (runs 154 and 185, Note [pair table]).
-MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4), MmaConfig(8, 2, 2, table=1), MmaConfig(4, 2, 1, table=1)]
+# Also timed for 8 < M <= 16: the table configs that won there (runs 154 and 185, Note [pair table]), and
+# those that won with x ahead (runs 196-197, Note [x ahead]).
+MMA_TABLE_CONFIGS_M16 = [MmaConfig(8, 2, 2, table=4), MmaConfig(8, 2, 2, table=1), MmaConfig(4, 2, 1, table=1),
+                         MmaConfig(8, 2, 1, table=1, x_ahead=True), MmaConfig(8, 2, 1, table=2, x_ahead=True),
+                         MmaConfig(4, 2, 1, table=1, x_ahead=True)]
 
 STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically (more must be dynamic)
 
@@ -991,7 +1052,7 @@ def x_fragments(x2d: torch.Tensor, vec: int, m_tiles: int) -> torch.Tensor:
 
 def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
             config: MmaConfig) -> None:
-    ksplit, unroll, row_tiles, depth, shared_sums, table, tiles_per_program = config
+    ksplit, unroll, row_tiles, depth, shared_sums, table, tiles_per_program, x_ahead = config
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     m_tiles = column_tiles(m)
     fragments = m_tiles > 4  # Note [x fragments]
@@ -1005,10 +1066,10 @@ def _launch(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, out
         x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.code_planes, out if bias is None else bias, scratch, out, m, n, k, x2d.stride(0), out.stride(0),
         # BLOCKSIZE, DOUBLE_QUANT, OFFSET_IS_POINTER, HAS_BIAS, M_TILES, FLOAT16, KSPLIT, UNROLL, ROW_TILES, DEPTH,
-        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS, TILED, TILES
+        # SHARED_SUMS, TABLE_QUARTERS, X_FRAGMENTS, TILED, TILES, X_AHEAD
         weight.blocksize, weight.double_quant, weight.offset_is_pointer, bias is not None, m_tiles,
         x2d.dtype == torch.float16, ksplit, unroll, row_tiles, depth, shared_sums, table, fragments, weight.tiled,
-        tiles_per_program),
+        tiles_per_program, x_ahead),
         num_warps=ksplit)
 
 
@@ -1026,6 +1087,9 @@ def mma_gemv(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, ou
                                lambda c: _launch(x2d, weight, bias, out, c))
     elif config.tiles > 1 and config.depth != 1:
         raise ValueError(f"nf4_mma: {config}: several tiles per program need depth=1 (Note [tiles per program])")
+    elif config.x_ahead and (config.depth != 1 or column_tiles(m) > 2):
+        raise ValueError(f"nf4_mma: {config} at M = {m}: x ahead needs depth=1 and at most 16 rows of x "
+                         f"(Note [x ahead])")
     elif shared_bytes(config, m) > STATIC_SHARED_MAX:
         raise ValueError(f"nf4_mma: {config} at M = {m} needs {shared_bytes(config, m)} bytes "
                          f"of static shared memory, more than {STATIC_SHARED_MAX}: fewer warps or row tiles, or "

@@ -110,22 +110,24 @@ def _compile_all() -> list[dict]:
                     nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32, offset=torch.float32,
                     code_planes_ptr=torch.int32, bias_ptr=torch.bfloat16, scratch_ptr=torch.float32,
                     out_ptr=torch.bfloat16, M=16, N=4096, K=4096, stride_xm=4096, stride_om=4096)
-    for i, (blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums, table, tiles) in enumerate((
-            (64, 1, 2, False, True, 1, True, 0, 1), (64, 2, 4, False, True, 1, False, 2, 2),
-            (32, 2, 2, True, True, 2, True, 4, 1), (256, 1, 4, False, False, 1, True, 1, 4),
-            (64, 1, 4, False, True, 2, False, 3, 1), (64, 4, 4, False, True, 1, True, 0, 1),
-            (64, 8, 2, True, True, 1, False, 0, 1), (64, 1, 4, False, True, 1, True, 3, 4))):
+    for i, (blocksize, m_tiles, unroll, float16, double_quant, depth, shared_sums, table, tiles, x_ahead) in enumerate((
+            (64, 1, 2, False, True, 1, True, 0, 1, False), (64, 2, 4, False, True, 1, False, 2, 2, False),
+            (32, 2, 2, True, True, 2, True, 4, 1, False), (256, 1, 4, False, False, 1, True, 1, 4, False),
+            (64, 1, 4, False, True, 2, False, 3, 1, False), (64, 4, 4, False, True, 1, True, 0, 1, False),
+            (64, 8, 2, True, True, 1, False, 0, 1, False), (64, 1, 4, False, True, 1, True, 3, 4, False),
+            (64, 2, 2, False, True, 1, True, 4, 1, True), (64, 1, 4, False, True, 1, True, 3, 2, True),
+            (32, 2, 4, True, True, 1, False, 0, 1, True))):
         dtype = torch.float16 if float16 else torch.bfloat16
         constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OFFSET_IS_POINTER=double_quant,
                           HAS_BIAS=True, M_TILES=m_tiles, FLOAT16=float16, KSPLIT=4, UNROLL=unroll,
                           ROW_TILES=1 + (blocksize == 64 and m_tiles == 2 and unroll == 4), DEPTH=depth,
                           SHARED_SUMS=shared_sums, TABLE_QUARTERS=table, X_FRAGMENTS=m_tiles > 4, TILED=i % 2 == 0,
-                          TILES=tiles)
+                          TILES=tiles, X_AHEAD=x_ahead)
         if m_tiles == 1:
             constexprs["M"] = 1  # Triton specializes an argument equal to 1 into a constant
         run(f"mma gemv blocksize={blocksize} M_TILES={m_tiles} UNROLL={unroll} ROW_TILES={constexprs['ROW_TILES']} "
             f"DEPTH={depth} SHARED_SUMS={shared_sums} TABLE_QUARTERS={table} X_FRAGMENTS={m_tiles > 4} "
-            f"TILED={i % 2 == 0} TILES={tiles} {dtype}",
+            f"TILED={i % 2 == 0} TILES={tiles} X_AHEAD={x_ahead} {dtype}",
             nf4_mma._mma_gemv_kernel,
             dict(mma_args, x_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
                  absmax_ptr=torch.uint8 if double_quant else torch.float32), constexprs,
@@ -191,7 +193,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 60
+    assert len(results) == 63
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

@@ -95,8 +95,18 @@ def test_several_tiles_per_program_with_loads_two_iterations_ahead_are_refused()
     weight = kernels.prepare(*random_nf4(64, 256))
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     config = nf4_mma.MmaConfig(8, 4, 1, depth=2, tiles=2)
-    with pytest.raises(ValueError, match=r"depth=2, .*tiles=2\): several tiles per program need depth=1"):
+    with pytest.raises(ValueError, match=r"depth=2, .*tiles=2, x_ahead=False\): several tiles per program need depth=1"):
         nf4_mma.mma_gemv(x, weight, None, torch.empty(1, 64, dtype=torch.bfloat16), config)
+
+
+@pytest.mark.parametrize("m,depth", [(16, 2), (17, 1)])
+def test_x_ahead_is_refused_with_loads_two_iterations_ahead_or_over_16_rows(m, depth):
+    weight = kernels.prepare(*random_nf4(64, 256))
+    x = torch.zeros(m, 256, dtype=torch.bfloat16)
+    config = nf4_mma.MmaConfig(8, 2, 2, depth=depth, x_ahead=True)
+    with pytest.raises(ValueError, match=rf"depth={depth}, .*x_ahead=True\) at M = {m}: x ahead needs depth=1 and at "
+                                         r"most 16 rows of x"):
+        nf4_mma.mma_gemv(x, weight, None, torch.empty(m, 64, dtype=torch.bfloat16), config)
 
 
 def test_matmul_nf4_mma_says_what_it_needs():

@@ -59,6 +59,29 @@ def test_pair_table_at_every_share_with_two_x_tiles_float16_and_plain_scales(tab
     _run(100, 1024, 64, 1, config=config._replace(shared_sums=False))
 
 
+@pytest.mark.parametrize("m", [1, 5, 9, 16])
+@pytest.mark.parametrize("n_rows,n_cols,blocksize,tiled", [(1000, 4160, 64, False), (1008, 4160, 64, True),
+                                                          (4101, 1088, 32, False), (96, 5120, 1024, True)])
+def test_x_ahead_gives_the_sums_without_it(n_rows, n_cols, blocksize, tiled, m):
+    """Note [x ahead]: bit for bit the output of the same config loading x where it is used, with
+    remainder loops, warps without a whole iteration (1088 columns in 16 warps), several tiles per
+    program and both layouts (every third depth-1 config)."""
+    packed, state = random_nf4(n_rows, n_cols, blocksize, True, device="cuda")
+    weight = (kernels.prepare(kernels.tile_codes(packed, state), state, tiled=True) if tiled
+              else kernels.prepare(packed, state))
+    x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16)
+    configs = [c for c in nf4_mma._timed_configs(m) if c.depth == 1][::3]
+    configs += [nf4_mma.MmaConfig(16, 2, 1, table=1, shared_sums=False), nf4_mma.MmaConfig(4, 4, 1, table=3, tiles=2)]
+    for config in configs:
+        plain = nf4_mma.mma_gemv(x, weight, b, torch.empty(m, n_rows, device="cuda", dtype=torch.bfloat16),
+                                 config._replace(x_ahead=False))
+        ahead = nf4_mma.mma_gemv(x, weight, b, torch.empty(m, n_rows, device="cuda", dtype=torch.bfloat16),
+                                 config._replace(x_ahead=True))
+        assert torch.equal(ahead, plain), config
+    assert_matmul_close(ahead, x, reference.dequantize_nf4(packed, state, torch.float32).T, b, RTOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("tiles", [2, 4])
 @pytest.mark.parametrize("m", [1, 5, 16, 64])
 @pytest.mark.parametrize("n_rows,n_cols,blocksize,tiled", [(1000, 4160, 64, False), (1008, 4160, 64, True),

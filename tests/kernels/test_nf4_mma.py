@@ -95,7 +95,8 @@ def test_several_tiles_per_program_with_loads_two_iterations_ahead_are_refused()
     weight = kernels.prepare(*random_nf4(64, 256))
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     config = nf4_mma.MmaConfig(8, 4, 1, depth=2, tiles=2)
-    with pytest.raises(ValueError, match=r"depth=2, .*tiles=2, x_ahead=False\): several tiles per program need depth=1"):
+    with pytest.raises(ValueError, match=r"depth=2, .*tiles=2, x_ahead=False\): several tiles per program need "
+                                         r"depth=1"):
         nf4_mma.mma_gemv(x, weight, None, torch.empty(1, 64, dtype=torch.bfloat16), config)
 
 

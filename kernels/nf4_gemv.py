@@ -108,11 +108,12 @@ _PRMT_LOOKUP = """
     lop3.b32 wh, h0, h1, {m}, 0xD8;"""
 
 
-def prmt_lookup(selector: str, mask: str, first_plane: int) -> str:
+def prmt_lookup(selector: str, mask: str, first_plane: int, plane_stride: int = 1) -> str:
     """PTX: the low bytes (wl) and high bytes (wh) of the 4 codes whose nibbles (& 7) are in the low
-    16 bits of register `selector`, blended by `mask`; the 8 planes are operands $first_plane on.
-    Also used by kernels/nf4_mma.py (Note [pair lookup])."""
-    return _PRMT_LOOKUP.format(s=selector, m=mask, **{f"p{i}": first_plane + i for i in range(8)})
+    16 bits of register `selector`, blended by `mask`; the 8 planes are operands $first_plane,
+    $first_plane + plane_stride, ... Also used by kernels/nf4_mma.py (Note [pair lookup]) and
+    kernels/nf4_wgmma.py."""
+    return _PRMT_LOOKUP.format(s=selector, m=mask, **{f"p{i}": first_plane + plane_stride * i for i in range(8)})
 
 
 _F16_VALUES = """

@@ -21,6 +21,10 @@ measurements (benchmarks/nf4_matmul.py prints every strategy at every M; benchma
                          cores with x padded to 16 rows above; float32 x, other blocksizes, the CPU
                          interpreter), for rows holding whole blocks; its code lookup is
                          nf4_gemv.GEMV_LOOKUP (M = 1) / GEMV_DOT_LOOKUP (M > 1)
+    M <= WGMMA_M_MAX     on Hopper with tiled codes of 64-column blocks and 16-bit x (wgmma_fits): the
+                         faster, timed once per shape and power-of-two range of M, of the wgmma kernel
+                         of kernels/nf4_wgmma.py (W decoded in registers; its tile and split of K
+                         timed too) and dequantization + cuBLAS (Note [medium M])
     larger M             LARGE_M_STRATEGY: "dequantize" (W to a scratch buffer by
                          kernels/nf4_dequant.py, then cuBLAS) or "fused" (the kernel above)
     other weights        (K not a multiple of the blocksize) dequantize + cuBLAS at every M
@@ -60,6 +64,16 @@ Note [two strategies for large M]
     Both are kept and benchmarked, and the constants pick; the transposed product has its own
     constant because its tile shapes differ.
 
+Note [medium M]
+    Dequantization + cuBLAS writes W in 16 bits and reads it back whatever M, so at M = 65-512 it
+    took 0.45-0.68x of torch's bf16 product (H100, run 206, benchmarks/RESULTS.md). The wgmma kernel
+    of kernels/nf4_wgmma.py never writes W but decodes it once per 128 or 256 rows of x, so it wins
+    there when its tiles (and parts of K) fill the GPU and loses at large M (Note [where it pays]
+    there). Which is faster depends on N, K and M in ways a threshold would not capture, so the
+    first call for a (power-of-two range of M, N, K, dtype, bias) key times the candidates
+    (_wgmma_candidates) with cold_graph_bench and keeps the fastest (KERNELS_TUNE=0, or a call
+    during CUDA-graph capture: the estimate of _estimated_us instead).
+
 Note [split-K for small M]
     The small-M tensor-core kernel has cdiv(N, BLOCK_N) programs; when that is fewer than
     SPLIT_MIN_PROGRAMS, the K loop is split over several programs whose partial sums are added
@@ -75,14 +89,15 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_gemv
-from kernels.launch import Tuned, candidates
+from kernels.launch import Tuned, candidates, choose_config
 from kernels.nf4_dequant import dequantize_nf4
 from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_dot, gemv_fma
 from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
 from kernels.nf4_mma_t import MMA_T_M_MAX, MmaTConfig, mma_gemv_t, mma_t_fits
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
+from kernels.nf4_wgmma import BLOCK_W, BLOCK_XS, WgmmaConfig, split_fits, wgmma_fits, wgmma_matmul
 
-__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
+__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_wgmma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
            "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_mma", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
            "matmul_nf4_t_dequantize", "split_for_small_m"]
 
@@ -90,6 +105,8 @@ __all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_gemv", "matmul_nf4_small_
 SMALL_M_MAX = GEMV_M_MAX      # M at or below: the streaming kernel
 LARGE_M_STRATEGY = "dequantize"    # x @ W.T above SMALL_M_MAX: "fused" or "dequantize"
 LARGE_M_STRATEGY_T = "dequantize"  # g @ W above SMALL_M_MAX: "fused" or "dequantize"
+
+WGMMA_M_MAX = 1024  # M at or below (above MMA_M_MAX): the wgmma kernel or dequantization, timed (Note [medium M])
 
 # Split-K at small M (Note [split-K for small M]).
 SPLIT_MIN_PROGRAMS = 132      # tensor-core tiles: at least one program per H100 SM
@@ -384,6 +401,11 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
     if m <= SMALL_M_MAX and _gemv_fits(weight):
         return matmul_nf4_gemv(x, packed, weight, bias)
+    if m <= WGMMA_M_MAX and _wgmma_runs(x, weight):
+        x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
+        _check_bias(bias, weight.n_rows, x.device)
+        y = _medium_m_forward(x2d, packed, weight, bias)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
     if not weight.whole_blocks:
         return matmul_nf4_dequantize(x, packed, weight, bias)
     return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, weight, bias)
@@ -430,6 +452,94 @@ def _mma_forward(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None
 def _mma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:
     return (x.is_cuda and not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
             and mma_fits(weight.blocksize, weight.n_cols, weight.packed.data_ptr()))
+
+
+def matmul_nf4_wgmma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,
+                     config: WgmmaConfig | None = None) -> torch.Tensor:
+    """x @ W.T on the wgmma kernel of kernels/nf4_wgmma.py (any M; wgmma_fits must hold: Hopper, tiled
+    codes of 64-column blocks, 16-bit x). config None: the fastest of _wgmma_candidates, timed once per
+    shape and power-of-two range of M."""
+    weight = nf4_weight(packed, state, x.device)
+    x2d = _flat_input(x, weight.n_cols, "matmul_nf4_wgmma", "in_features of the NF4 weight")
+    _check_bias(bias, weight.n_rows, x.device)
+    if not _wgmma_runs(x, weight):
+        raise ValueError(f"matmul_nf4_wgmma: needs 16-bit x on a Hopper GPU (got {x.dtype} on {x.device}), tiled "
+                         f"codes (got tiled={weight.tiled}) with blocksize 64 (got {weight.blocksize}) and K % 64 == 0 "
+                         f"(got {weight.n_cols})")
+    x2d = _tma_rows(x2d)
+    if config is None:
+        config = _medium_m_choice(x2d, packed, weight, bias, wgmma_only=True)
+    with on_device(x.device):
+        y = wgmma_matmul(x2d, weight, bias, config)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
+
+
+def _wgmma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:
+    return x.is_cuda and not interpreting() and wgmma_fits(weight, x.device, x.dtype)
+
+
+def _tma_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """x2d, copied if TMA cannot read its rows (16-byte aligned start and row stride)."""
+    if x2d.data_ptr() % 16 or (x2d.stride(0) * x2d.element_size()) % 16 or x2d.stride(1) != 1:
+        return x2d.clone(memory_format=torch.contiguous_format)
+    return x2d
+
+
+_MEDIUM_M_CHOSEN: dict[tuple, object] = {}
+
+
+def _wgmma_candidates(m: int, n: int, k: int, sms: int) -> list[WgmmaConfig]:
+    """The wgmma kernel's configs timed for M = m (Note [medium M]): 128 rows of x per program, and 256
+    above 128 rows; parts of K (128 rows only) while the programs stay within two per SM and a part
+    keeps 8 steps or more."""
+    configs = [WgmmaConfig(block_x, 1) for block_x in BLOCK_XS if block_x == 128 or m > 128]
+    tiles = triton.cdiv(n, BLOCK_W) * triton.cdiv(m, 128)
+    configs += [WgmmaConfig(128, split) for split in (2, 4, 8)
+                if tiles * split <= 2 * sms and k // 64 >= 8 * split and split_fits(split, k)]
+    return configs
+
+
+def _estimated_us(config, m: int, n: int, k: int, sms: int) -> float:
+    """Microseconds a medium-M candidate takes on an H100, by the measurements of runs 204-206: a wgmma
+    step of 64 columns 0.8 us (128 rows of x) or 0.95 us (256) per wave of programs; dequantization at
+    2.3 TB/s for 2.5 bytes per weight, then cuBLAS at 800 TFLOP/s, plus 3 us."""
+    if config == "dequantize":
+        return n * k * 2.5 / 2.3e6 + 2 * m * n * k / 8e8 + 3
+    programs = triton.cdiv(n, BLOCK_W) * triton.cdiv(m, config.block_x) * config.split
+    step_us = 0.8 if config.block_x == 128 else 0.95
+    return triton.cdiv(programs, sms) * triton.cdiv(k // 64, config.split) * step_us + (1.5 if config.split > 1 else 0)
+
+
+def _medium_m_choice(x2d: torch.Tensor, packed: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
+                     wgmma_only: bool = False):
+    """The fastest medium-M candidate for this call's key (Note [medium M]): a WgmmaConfig or "dequantize"."""
+    m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
+    key = (_m_bucket(m), n, k, x2d.dtype, bias is not None, weight.double_quant, wgmma_only, x2d.device)
+    chosen = _MEDIUM_M_CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    configs = _wgmma_candidates(m, n, k, sms) + ([] if wgmma_only else ["dequantize"])
+
+    def launch(config):
+        if config == "dequantize":
+            return matmul_nf4_dequantize(x2d, packed, weight, bias)
+        return wgmma_matmul(x2d, weight, bias, config)
+
+    with on_device(x2d.device):
+        return choose_config(_MEDIUM_M_CHOSEN, key, lambda: configs,
+                             lambda: min(configs, key=lambda c: _estimated_us(c, m, n, k, sms)), launch)
+
+
+def _medium_m_forward(x2d: torch.Tensor, packed: torch.Tensor, weight: NF4Weight,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, N) = x2d @ W.T (+ bias) for MMA_M_MAX < M <= WGMMA_M_MAX on Hopper (Note [medium M])."""
+    x2d = _tma_rows(x2d)
+    config = _medium_m_choice(x2d, packed, weight, bias)
+    if config == "dequantize":
+        return matmul_nf4_dequantize(x2d, packed, weight, bias)
+    with on_device(x2d.device):
+        return wgmma_matmul(x2d, weight, bias, config)
 
 
 def matmul_nf4_small_m(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None,

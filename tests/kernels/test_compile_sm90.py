@@ -26,7 +26,7 @@ def _compile_all() -> list[dict]:
     from triton.compiler import ASTSource
 
     from kernels import (nf4_dequant, nf4_gemv, nf4_lowrank, nf4_lowrank_mma, nf4_matmul, nf4_mma, nf4_mma_t,
-                         rotary)
+                         nf4_wgmma, rotary)
 
     names = {torch.int32: "i32", torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -47,6 +47,31 @@ def _compile_all() -> list[dict]:
         source = ASTSource(fn=fn, signature=signature, constexprs={**constexprs, **config.kwargs}, attrs=attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        return {"shared": kernel.metadata.shared}
+
+    def build_wgmma(block_x: int, split: int, dtype: torch.dtype, double_quant: bool, has_bias: bool) -> dict:
+        """The Gluon kernel (kernels/nf4_wgmma.py), its TMA descriptors described by their type strings;
+        its A operand's layout is checked here (convert_layout(assert_trivial=True))."""
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        from triton.runtime.jit import mangle_type
+
+        element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+        rows = torch.empty(256, 4096, dtype=dtype)  # only its dtype, shape and strides are read
+        descriptor = {name: mangle_type(TensorDescriptor.from_tensor(
+            rows, [block_x, width], gl.NVMMASharedLayout.get_default_for([block_x, width], element)))
+            for name, width in (("x_desc", nf4_wgmma.BLOCK_K), ("y_desc", nf4_wgmma.BLOCK_W))}
+        types = dict(descriptor, packed_ptr="*u8", absmax_ptr="*u8" if double_quant else "*fp32",
+                     nested_absmax_ptr="*fp32", nested_code_ptr="*fp32", offset_ptr="*fp32", code_planes_ptr="*i32",
+                     bias_ptr="*" + names[dtype], workspace_ptr="*fp32", tickets_ptr="*i32", N="i32", K="i32")
+        constexprs = dict(DOUBLE_QUANT=double_quant, HAS_BIAS=has_bias, SPLIT=split, STAGES=nf4_wgmma.STAGES)
+        fn = nf4_wgmma.nf4_wgmma_kernel
+        signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in constexprs and (types[name].startswith("*") or name in ("N", "K"))}
+        source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
         return {"shared": kernel.metadata.shared}
 
     weight = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, nested_absmax_ptr=torch.float32,
@@ -163,6 +188,16 @@ def _compile_all() -> list[dict]:
                  QUADS=quads, R_CHUNKS=chunks, EVEN_R=rank % 2 == 0, ROW_BLOCKS=row_blocks, WARPS=warps,
                  TILED=quads == 2),
             triton.Config({}, num_warps=warps, num_stages=1))
+    if nf4_wgmma.HAVE_GLUON:
+        for block_x, split, dtype, double_quant, has_bias in ((256, 1, torch.bfloat16, True, True),
+                                                              (128, 1, torch.float16, False, False),
+                                                              (128, 4, torch.bfloat16, True, False)):
+            try:
+                results.append({"label": f"wgmma block_x={block_x} split={split} {dtype} double_quant={double_quant}",
+                                **build_wgmma(block_x, split, dtype, double_quant, has_bias)})
+            except Exception as error:
+                results.append({"label": f"wgmma block_x={block_x} split={split}",
+                                "error": f"{type(error).__name__}: {str(error)[:400]}"})
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
             dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,
@@ -193,7 +228,8 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 63
+    from kernels.nf4_wgmma import HAVE_GLUON
+    assert len(results) == 63 + (3 if HAVE_GLUON else 0)  # the Gluon kernel where this Triton has Gluon
     errors = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in results if r["shared"] > H100_SHARED_BYTES]

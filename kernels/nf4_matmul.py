@@ -95,7 +95,7 @@ from kernels.nf4_gemv import GEMV_BLOCKSIZE_MAX, GEMV_LOOKUPS, GEMV_M_MAX, gemv_
 from kernels.nf4_mma import MMA_M_MAX, MmaConfig, mma_fits, mma_gemv
 from kernels.nf4_mma_t import MMA_T_M_MAX, MmaTConfig, mma_gemv_t, mma_t_fits
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
-from kernels.nf4_wgmma import BLOCK_W, BLOCK_XS, WgmmaConfig, split_fits, wgmma_fits, wgmma_matmul
+from kernels.nf4_wgmma import WgmmaConfig, split_fits, wgmma_fits, wgmma_matmul
 
 __all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_wgmma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
            "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_mma", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
@@ -489,25 +489,31 @@ _MEDIUM_M_CHOSEN: dict[tuple, object] = {}
 
 
 def _wgmma_candidates(m: int, n: int, k: int, sms: int) -> list[WgmmaConfig]:
-    """The wgmma kernel's configs timed for M = m (Note [medium M]): 128 rows of x per program, and 256
-    above 128 rows; parts of K (128 rows only) while the programs stay within two per SM and a part
-    keeps 8 steps or more."""
-    configs = [WgmmaConfig(block_x, 1) for block_x in BLOCK_XS if block_x == 128 or m > 128]
-    tiles = triton.cdiv(n, BLOCK_W) * triton.cdiv(m, 128)
-    configs += [WgmmaConfig(128, split) for split in (2, 4, 8)
-                if tiles * split <= 2 * sms and k // 64 >= 8 * split and split_fits(split, k)]
+    """The wgmma kernel's configs timed for M = m (Note [medium M]): 128 rows of x per program with one
+    warpgroup (64 rows of W; three programs fit an SM), and above 128 rows of x also 256 with two or
+    one (3 stages, two programs per SM); parts of K (128 rows only) while the programs stay within three
+    per SM and a part keeps 8 steps or more. H100, run 207: one warpgroup took 0.83-0.99x the time of
+    two at 128 rows of x, 0.83-1.87x at 256."""
+    configs = [WgmmaConfig(128, 1, warps=4)]
+    if m > 128:
+        configs += [WgmmaConfig(256, 1, warps=8), WgmmaConfig(256, 1, warps=4, stages=3)]
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, 128)
+    configs += [WgmmaConfig(128, split, warps=4) for split in (2, 4, 8)
+                if tiles * split <= 3 * sms and k // 64 >= 8 * split and split_fits(split, k)]
     return configs
 
 
 def _estimated_us(config, m: int, n: int, k: int, sms: int) -> float:
-    """Microseconds a medium-M candidate takes on an H100, by the measurements of runs 204-206: a wgmma
-    step of 64 columns 0.8 us (128 rows of x) or 0.95 us (256) per wave of programs; dequantization at
-    2.3 TB/s for 2.5 bytes per weight, then cuBLAS at 800 TFLOP/s, plus 3 us."""
+    """Microseconds a medium-M candidate takes on an H100, by the measurements of runs 204-207: a wgmma
+    step of 64 columns 0.8 us (128 rows of x, one warpgroup, three programs per SM) or 0.95 us (256, two
+    warpgroups, one per SM) per wave of programs; dequantization at 2.3 TB/s for 2.5 bytes per weight,
+    then cuBLAS at 800 TFLOP/s, plus 3 us."""
     if config == "dequantize":
         return n * k * 2.5 / 2.3e6 + 2 * m * n * k / 8e8 + 3
-    programs = triton.cdiv(n, BLOCK_W) * triton.cdiv(m, config.block_x) * config.split
-    step_us = 0.8 if config.block_x == 128 else 0.95
-    return triton.cdiv(programs, sms) * triton.cdiv(k // 64, config.split) * step_us + (1.5 if config.split > 1 else 0)
+    programs = triton.cdiv(n, 16 * config.warps) * triton.cdiv(m, config.block_x) * config.split
+    per_sm, step_us = (3, 0.8) if config.block_x == 128 else (1, 0.95)
+    waves = triton.cdiv(programs, per_sm * sms)
+    return waves * triton.cdiv(k // 64, config.split) * step_us + (1.5 if config.split > 1 else 0)
 
 
 def _medium_m_choice(x2d: torch.Tensor, packed: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,

@@ -1,30 +1,30 @@
 """NF4 matmul for medium M on the warpgroup MMA: y = x @ W.T, W decoded into the MMA's registers.
 
-    for each tile of 128 rows of W and BLOCK_X (128 or 256) rows of x, and each of SPLIT parts of K
-    (a program of 8 warps, two warpgroups of 64 rows of W each):
+    for each tile of 16 WARPS rows of W (64 or 128) and BLOCK_X (128 or 256) rows of x, and each of
+    SPLIT parts of K (a program of WARPS = 4 or 8 warps, one or two warpgroups):
         for each step of 64 columns of K in the part:
             x tile (BLOCK_X, 64)  -> shared memory by TMA, STAGES steps ahead
             codes, block scales   -> registers, loaded two steps ahead (Note [pipeline])
-            A (128, 64)           = scale * code values, bfloat16 pairs made in the A registers of
+            A (16 WARPS, 64)      = scale * code values, 16-bit pairs made in the A registers of
                                     wgmma (Note [A from the codes])
-            acc (128, BLOCK_X)   += A @ x tile.T        wgmma, A from registers; the next step's A
+            acc (16 WARPS, BLOCK_X) += A @ x tile.T     wgmma, A from registers; the next step's A
                                                         is decoded while this one runs
         SPLIT = 1: y tile = acc.T (+ bias)      shared memory, TMA store
         else: acc -> float32 workspace; the part that finishes last sums the SPLIT parts in order
               and stores y (Note [split K])
 
-W never goes to memory in 16 bits. The dequantization + cuBLAS path (kernels/nf4_dequant.py) writes
-2 bytes per weight and reads them back, a cost that does not shrink with M: at M = 128 it took 0.45-
-0.58x of torch's bf16 product on the benchmark shapes (H100, run 206, benchmarks/RESULTS.md), where
-this kernel took 0.86-0.91x on the shapes whose tiles fill the GPU. Each program decodes its W tile
-once per BLOCK_X rows of x, so at large M the decoding is repeated M / BLOCK_X times, and there this
-kernel lost to dequantization + cuBLAS (Note [where it pays]). Needs Hopper (wgmma), tiled codes
-(kernels/nf4_tiles.py Note [tiled codes]) with 64-column blocks (QLoRA's), K % 64 == 0, 16-bit x,
-and Triton's Gluon (3.6 or later): wgmma_fits.
+W never goes to memory in 16 bits. Dequantization + cuBLAS (kernels/nf4_dequant.py) writes 2 bytes
+per weight and reads them back whatever M: at M = 128 it took 0.45-0.66x of torch's bf16 product on
+the benchmark shapes (H100, benchmarks/RESULTS.md run 206), where the dispatch with this kernel took
+0.71-1.00x (run 208). Each program decodes its W tile once per BLOCK_X rows of x, so at large M the
+decoding is repeated M / BLOCK_X times and this kernel loses to dequantization + cuBLAS (Note [where
+it pays]); kernels/nf4_matmul.py times the two (Note [medium M] there). Needs Hopper (wgmma), tiled
+codes (kernels/nf4_tiles.py Note [tiled codes]) with 64-column blocks (QLoRA's), K % 64 == 0, 16-bit
+x, and Triton's Gluon (3.6 or later): wgmma_fits.
 
 Note [A from the codes]
     wgmma's A operand from registers has the fragment layout of mma.m16n8k16 in each warp (warp w
-    holds rows 16 w .. 16 w + 15 of the 128): lane 4 g + t holds rows g and g + 8 at columns
+    holds rows 16 w .. 16 w + 15 of the tile): lane 4 g + t holds rows g and g + 8 at columns
     16 s + 2 t + {0, 1} and 16 s + 8 + 2 t + {0, 1} of each 16-column slice s, i.e. byte t of each
     32-bit word of codes of its two rows (a byte holds two codes, high nibble first). Tiled codes
     keep a band's 16 rows x 64 columns in 512 bytes, quad g's rows g and g + 8 in 64 of them, so
@@ -34,8 +34,8 @@ Note [A from the codes]
     multiplies each pair by its row's block scale (mul.rn.bf16x2): one pair per word loaded, in the
     word's place. The words are a (band, g, t, 16) tensor whose layout puts band on the warps, (g, t)
     on the lanes and the 16 words in registers; the pairs, split into their two values, permuted and
-    reshaped to (128 rows, 64 columns), have exactly the layout of the A operand (the compiler checks
-    it: convert_layout(assert_trivial=True)), so no value moves between lanes.
+    reshaped to (16 WARPS rows, 64 columns), have exactly the layout of the A operand (the compiler
+    checks it: convert_layout(assert_trivial=True)), so no value moves between lanes.
     The block scale is rounded to the 16-bit type before the multiply, so A is W rounded twice (at
     most 2^-8 relative for bfloat16, against 2^-9 for W in bfloat16); the products are summed in
     float32 by the tensor cores.
@@ -48,26 +48,30 @@ Note [pipeline]
     written while it may still read them): the loop is unrolled by two, so consecutive steps' A
     live in different registers; the decode takes its lane selector from the wait's results, so
     nothing that feeds A can be scheduled above the wait; and the loaded words and scale bytes are
-    not passed through the wait (that would stall it until they arrive: 4-7% slower, run 205). The
+    not passed through the wait (that would stall it until they arrive: 0-6% slower, run 205). The
     double-quant lookup of a scale (nested_code[absmax byte]) is made where the step is decoded,
     a step after its byte was loaded, not right after the load.
 
 Note [split K]
-    With few tiles (N / 128 x M / BLOCK_X programs against 132 SMs: 32 for N = 4096 at M <= 256)
-    each program runs all K / 64 steps in turn and most SMs idle. SPLIT programs per tile then take
-    consecutive parts of the steps. Each writes its float32 sums to its own slice of a workspace and
-    takes a ticket from the tile's counter (atomic add, acquire-release, after a CTA barrier); the
-    program with the last ticket reads the SPLIT slices in split order (so the sums do not depend on
-    which program finished first), adds the bias, stores y and puts the counter back to 0. The
-    counters are zeroed per call (a memset), so two calls on different streams cannot share them.
+    With few tiles (32 programs of 128 x 128 for N = 4096 at M <= 128, against 132 SMs) each program
+    runs all K / 64 steps in turn and most SMs idle. SPLIT programs per tile then take consecutive
+    parts of the steps. Each writes its float32 sums to its own slice of a workspace and takes a
+    ticket from the tile's counter (atomic add, acquire-release, after a CTA barrier); the program
+    with the last ticket reads the SPLIT slices in split order (so the sums do not depend on which
+    program finished first), adds the bias, stores y and puts the counter back to 0. The counters
+    are zeroed per call (a memset), so two calls on different streams cannot share them. Only with
+    BLOCK_X = 128: at 256 the final sum holds two 128 x 256 float32 tiles and spills registers.
 
 Note [where it pays]
-    H100, graph replay, L2 cleared, against torch's bf16 product in the same run (runs 204-206):
-    the loop takes about 0.8 us per 64-column step at BLOCK_X = 128 and 0.94 at 256 whatever M,
-    against ~0.6 us for the tensor cores' share (the same kernel with the loads and the decoding
-    removed, run 204: 163 against 173 us for torch at M = 4096 on 4096 x 4096). So it wins where
-    dequantization + cuBLAS pays for writing W at a small M, and loses at large M (4096 x 4096,
-    M = 4096: 228 against 191 us). mma_dispatch times both on the first call per shape and M range.
+    H100, graph replay, L2 cleared, against torch's bf16 product in the same run
+    (benchmarks/RESULTS.md runs 204-208). A step of 64 columns takes about 0.94 us for a 128 x 256
+    tile (8 warps, one program per SM: 229 registers) and 0.7-0.8 us for 64 x 128 (4 warps, 164
+    registers, three programs per SM), whatever M; the same loop with the loads and the decoding
+    taken out took 0.6 us (run 205: 163 against 173 us for torch at M = 4096 on 4096 x 4096). So
+    the decoding and its loads, not the tensor cores, set the pace: Nsight Compute (run 205) had 2
+    warps per scheduler with 0.42 eligible, 7 cycles per issued instruction, the issue slots 28%
+    busy. It wins where dequantization + cuBLAS pays for writing W at a small M, and loses at
+    M = 4096 (0.69-0.77x of torch against 0.87-0.93x: 4096 x 4096 228 against 191 us).
 """
 from typing import NamedTuple
 
@@ -92,12 +96,10 @@ try:
 except (ImportError, AttributeError):  # Triton without Gluon's Hopper API: the dequantization path serves
     HAVE_GLUON = False
 
-__all__ = ["wgmma_fits", "wgmma_matmul", "split_fits", "BLOCK_W", "BLOCK_K", "BLOCK_XS", "WgmmaConfig"]
+__all__ = ["wgmma_fits", "wgmma_matmul", "split_fits", "BLOCK_K", "BLOCK_XS", "WgmmaConfig"]
 
-BLOCK_W = 128          # rows of W per program: 8 warps x 16
 BLOCK_K = 64           # columns of K per step: one block of 64
-BLOCK_XS = (128, 256)  # rows of x per program (the wgmma's N) that mma_dispatch times
-STAGES = 4             # x tiles in flight (3 measured the same, run 204)
+BLOCK_XS = (128, 256)  # rows of x per program (the wgmma's N)
 
 
 def _decode_asm(float16: bool) -> str:
@@ -128,7 +130,6 @@ def _decode_asm(float16: bool) -> str:
 
 
 if HAVE_GLUON:
-    _BLOCK_W = gl.constexpr(BLOCK_W)
     _BLOCK_K = gl.constexpr(BLOCK_K)
     _DECODE_BF16 = gl.constexpr(_decode_asm(False))
     _DECODE_F16 = gl.constexpr(_decode_asm(True))
@@ -176,16 +177,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _a_operand(words, select, scale_g, scale_g8, planes, a_layout: gl.constexpr, FLOAT16: gl.constexpr,
-                   DTYPE: gl.constexpr):
-        """A (128, 64) of a step from its words (band, g, t, 16), word 4 c + 2 r + j being word 2 c + j of
-        row g + 8 r of the band (Note [A from the codes])."""
+                   DTYPE: gl.constexpr, WARPS: gl.constexpr):
+        """A (16 WARPS, 64) of a step from its words (band, g, t, 16), word 4 c + 2 r + j being word 2 c + j
+        of row g + 8 r of the band (Note [A from the codes])."""
         p0, p1, p2, p3, p4, p5, p6, p7 = planes
         pairs = _decode(words, select, scale_g, scale_g8, p0, p1, p2, p3, p4, p5, p6, p7, FLOAT16)
-        pairs = gl.reshape(pairs, (8, 8, 4, 4, 2, 2))  # band, g, t, c, r, j
+        pairs = gl.reshape(pairs, (WARPS, 8, 4, 4, 2, 2))  # band, g, t, c, r, j
         low = pairs.to(gl.int16).to(DTYPE, bitcast=True)
         high = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
         values = gl.permute(gl.join(low, high), (0, 4, 1, 3, 5, 2, 6))  # band, r, g, c, j, t, element
-        return gl.convert_layout(gl.reshape(values, (_BLOCK_W, _BLOCK_K)), a_layout, assert_trivial=True)
+        return gl.convert_layout(gl.reshape(values, (16 * WARPS, _BLOCK_K)), a_layout, assert_trivial=True)
 
     @gluon.jit
     def _step(i, a_issue, a_other, w, fg, ng, fg8, ng8, acc, x_smem, ready, x_desc, m0, step0, k_steps, words_ptr,
@@ -200,7 +201,7 @@ if HAVE_GLUON:
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         acc = warpgroup_mma(a_issue, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
         acc, a_other, select = warpgroup_mma_wait(1, deps=[acc, a_other, select])
-        _cta_barrier()  # both warpgroups are done with step i - 1's x slot
+        _cta_barrier()  # every warp is done with step i - 1's x slot
         refill = i - 1 + STAGES
         if (i >= 1) & (refill < k_steps):
             free = refill % STAGES
@@ -212,17 +213,18 @@ if HAVE_GLUON:
         fg8_ahead, ng8_ahead = _scale_loads(absmax_ptr, nested_absmax_ptr, block_g8 + ahead, DOUBLE_QUANT)
         scale_g = _scale_pairs(fg, ng, nested_code_ptr, offset_ptr, words_layout, DOUBLE_QUANT, FLOAT16)
         scale_g8 = _scale_pairs(fg8, ng8, nested_code_ptr, offset_ptr, words_layout, DOUBLE_QUANT, FLOAT16)
-        a_other = _a_operand(w, select, scale_g, scale_g8, planes, a_layout, FLOAT16, DTYPE)
+        a_other = _a_operand(w, select, scale_g, scale_g8, planes, a_layout, FLOAT16, DTYPE, gl.num_warps())
         return acc, a_other, w_ahead, fg_ahead, ng_ahead, fg8_ahead, ng8_ahead
 
     @gluon.jit
     def _store_tile(acc, y_desc, bias_ptr, n0, m0, N, mma_layout: gl.constexpr, DTYPE: gl.constexpr,
                     BLOCK_X: gl.constexpr, HAS_BIAS: gl.constexpr):
-        """y[m0 : m0 + BLOCK_X, n0 : n0 + 128] = acc.T (+ bias) in y's dtype, by TMA (clipped at the edges)."""
+        """y[m0 : m0 + BLOCK_X, n0 : n0 + BLOCK_W] = acc.T (+ bias) in y's dtype, by TMA (clipped at the edges)."""
+        BLOCK_W: gl.constexpr = y_desc.block_type.shape[1]
         if HAS_BIAS:
-            offs_n = n0 + gl.arange(0, _BLOCK_W, layout=gl.SliceLayout(1, mma_layout))
+            offs_n = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32), 1)
-        y_smem = gl.allocate_shared_memory(DTYPE, [BLOCK_X, _BLOCK_W], y_desc.layout,
+        y_smem = gl.allocate_shared_memory(DTYPE, [BLOCK_X, BLOCK_W], y_desc.layout,
                                            gl.permute(acc.to(DTYPE), (1, 0)))
         fence_async_shared()
         _tma_store(y_desc, [m0, n0], y_smem)
@@ -234,16 +236,18 @@ if HAVE_GLUON:
                          DOUBLE_QUANT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
                          STAGES: gl.constexpr):
         """y (M, N) = x (M, K) @ W.T (+ bias) for tiled codes with 64-column blocks, K % 64 == 0; one
-        program per (128 rows of W, BLOCK_X rows of x) tile and part of K (module docstring)."""
+        program per (16 WARPS rows of W, BLOCK_X rows of x) tile and part of K (module docstring)."""
         DTYPE: gl.constexpr = x_desc.dtype
         BLOCK_X: gl.constexpr = x_desc.block_type.shape[0]
+        WARPS: gl.constexpr = gl.num_warps()
+        BLOCK_W: gl.constexpr = 16 * WARPS  # rows of W per program: 16 per warp
         FLOAT16: gl.constexpr = DTYPE == gl.float16
-        tiles_w = (N + _BLOCK_W - 1) // _BLOCK_W
+        tiles_w = (N + BLOCK_W - 1) // BLOCK_W
         tiles = gl.num_programs(0) // SPLIT
         pid = gl.program_id(0)
         tile = pid % tiles
         part = pid // tiles
-        n0 = (tile % tiles_w) * _BLOCK_W
+        n0 = (tile % tiles_w) * BLOCK_W
         m0 = (tile // tiles_w) * BLOCK_X
         all_steps = K // _BLOCK_K
         per_part = (all_steps + SPLIT - 1) // SPLIT
@@ -251,14 +255,14 @@ if HAVE_GLUON:
         k_steps = gl.minimum(per_part, all_steps - step0)
 
         # Per lane (band = warp, g, t, 1): rows, code planes, byte selector; words (band, g, t, 16).
-        lane_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 8, 4, 1], [8, 1, 1, 1], [3, 2, 1, 0])
-        words_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [8, 1, 1, 1], [3, 2, 1, 0])
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+        lane_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 8, 4, 1], [WARPS, 1, 1, 1], [3, 2, 1, 0])
+        words_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [WARPS, 1, 1, 1], [3, 2, 1, 0])
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                               instr_shape=[16, BLOCK_X, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
 
-        band = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, lane_layout))))
-        band = gl.expand_dims(gl.expand_dims(gl.expand_dims(band, 1), 2), 3)  # (8, 1, 1, 1)
+        band = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, lane_layout))))
+        band = gl.expand_dims(gl.expand_dims(gl.expand_dims(band, 1), 2), 3)  # (WARPS, 1, 1, 1)
         g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, lane_layout))))
         g = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 2), 3)  # (1, 8, 1, 1)
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, lane_layout))))
@@ -266,11 +270,11 @@ if HAVE_GLUON:
         q = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words_layout))))
         q = gl.expand_dims(gl.expand_dims(gl.expand_dims(q, 0), 1), 2)  # (1, 1, 1, 16)
         # Bands past N read the last band's codes and scales; their columns of y are not stored.
-        band = gl.minimum(n0 // 16 + band, N // 16 - 1) + 0 * t  # (8, 1, 4, 1)
-        row = band * 16 + g  # (8, 8, 4, 1): row g of the lane; g + 8 is row + 8
+        band = gl.minimum(n0 // 16 + band, N // 16 - 1) + 0 * t  # (WARPS, 1, 4, 1)
+        row = band * 16 + g  # (WARPS, 8, 4, 1): row g of the lane; g + 8 is row + 8
         block_g = row * all_steps  # block of (row, step 0): 64-column blocks
         block_g8 = (row + 8) * all_steps
-        word_at = gl.convert_layout(band.to(gl.int64) * (2 * K) + g * 16, words_layout) + q  # (8, 8, 4, 16)
+        word_at = gl.convert_layout(band.to(gl.int64) * (2 * K) + g * 16, words_layout) + q  # (WARPS, 8, 4, 16)
         words_ptr = packed_ptr.to(gl.pointer_type(gl.int32))
         select = gl.convert_layout(t + ((t + 4) << 4), words_layout)  # prmt selector of byte t of two words
         plane_at = code_planes_ptr + (0 if FLOAT16 else 16 * 32) + g * 4 + t  # each lane its own copy
@@ -298,13 +302,13 @@ if HAVE_GLUON:
         a_even = _a_operand(_step_words(words_ptr, word_at, step0), select,
                             _scale_pairs(fg, ng, nested_code_ptr, offset_ptr, words_layout, DOUBLE_QUANT, FLOAT16),
                             _scale_pairs(fg8, ng8, nested_code_ptr, offset_ptr, words_layout, DOUBLE_QUANT, FLOAT16),
-                            planes, a_layout, FLOAT16, DTYPE)
+                            planes, a_layout, FLOAT16, DTYPE, WARPS)
         a_odd = a_even
         step1 = step0 + gl.minimum(k_steps - 1, 1)
         w = _step_words(words_ptr, word_at, step1)
         fg, ng = _scale_loads(absmax_ptr, nested_absmax_ptr, block_g + step1, DOUBLE_QUANT)
         fg8, ng8 = _scale_loads(absmax_ptr, nested_absmax_ptr, block_g8 + step1, DOUBLE_QUANT)
-        acc = gl.zeros((_BLOCK_W, BLOCK_X), gl.float32, layout=mma_layout)
+        acc = gl.zeros((BLOCK_W, BLOCK_X), gl.float32, layout=mma_layout)
         for i2 in range(k_steps // 2):  # unrolled by two (Note [pipeline])
             acc, a_odd, w, fg, ng, fg8, ng8 = _step(
                 2 * i2, a_even, a_odd, w, fg, ng, fg8, ng8, acc, x_smem, ready, x_desc, m0, step0, k_steps,
@@ -326,10 +330,10 @@ if HAVE_GLUON:
         if SPLIT == 1:
             _store_tile(acc, y_desc, bias_ptr, n0, m0, N, mma_layout, DTYPE, BLOCK_X, HAS_BIAS)
         else:  # Note [split K]
-            rows = gl.arange(0, _BLOCK_W, layout=gl.SliceLayout(1, mma_layout))
+            rows = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, mma_layout))
             cols = gl.arange(0, BLOCK_X, layout=gl.SliceLayout(0, mma_layout))
             at = gl.expand_dims(rows, 1) * BLOCK_X + gl.expand_dims(cols, 0)  # (128, BLOCK_X)
-            slice_words = _BLOCK_W * BLOCK_X
+            slice_words = BLOCK_W * BLOCK_X
             gl.store(workspace_ptr + (part * tiles + tile).to(gl.int64) * slice_words + at, acc)
             _cta_barrier()
             ticket = gl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
@@ -344,8 +348,10 @@ if HAVE_GLUON:
 
 class WgmmaConfig(NamedTuple):
     """A launch of the kernel, timed per shape (kernels/nf4_matmul.py)."""
-    block_x: int   # rows of x per program: one of BLOCK_XS
-    split: int     # parts of K per tile (Note [split K]); above 1 with block_x 128 only
+    block_x: int     # rows of x per program: one of BLOCK_XS
+    split: int       # parts of K per tile (Note [split K]); above 1 with block_x 128 only
+    warps: int = 8   # 16 rows of W each: 4 (one warpgroup) or 8 (two)
+    stages: int = 4  # x tiles in flight
 
 
 def split_fits(split: int, n_cols: int) -> bool:
@@ -369,11 +375,13 @@ def wgmma_matmul(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None
     must be able to read x2d and write `out`: rows with unit stride, starting on 16 bytes, row strides
     multiples of 16 bytes (N % 8 == 0 when out is not given; tiled codes have N % 16 == 0)."""
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
-    block_x, split = config
-    if block_x not in BLOCK_XS or not split_fits(split, k) or (split > 1 and block_x != 128):
-        raise ValueError(f"wgmma_matmul: block_x must be one of {BLOCK_XS}, and split must cut K / 64 = {k // BLOCK_K} "
-                         f"steps into that many non-empty parts (block_x 128 only: two 128 x 256 float32 tiles "
-                         f"in the split's final sum spill registers), got {config}")
+    block_x, split, warps, stages = config
+    block_w = 16 * warps
+    if (block_x not in BLOCK_XS or warps not in (4, 8) or not 2 <= stages <= 4 or not split_fits(split, k)
+            or (split > 1 and block_x != 128)):
+        raise ValueError(f"wgmma_matmul: block_x must be one of {BLOCK_XS}, warps 4 or 8, stages 2 to 4, and split "
+                         f"must cut K / 64 = {k // BLOCK_K} steps into that many non-empty parts (block_x 128 only: "
+                         f"two 128 x 256 float32 tiles in the split's final sum spill registers), got {config}")
     if out is None:
         out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
     if m == 0:
@@ -381,17 +389,17 @@ def wgmma_matmul(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None
     dtype = gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(x2d, [block_x, BLOCK_K],
                                           gl.NVMMASharedLayout.get_default_for([block_x, BLOCK_K], dtype))
-    y_desc = TensorDescriptor.from_tensor(out, [block_x, BLOCK_W],
-                                          gl.NVMMASharedLayout.get_default_for([block_x, BLOCK_W], dtype))
+    y_desc = TensorDescriptor.from_tensor(out, [block_x, block_w],
+                                          gl.NVMMASharedLayout.get_default_for([block_x, block_w], dtype))
     offset = weight.offset if weight.offset_is_pointer else torch.full((1,), weight.offset, device=x2d.device)
-    tiles = triton.cdiv(n, BLOCK_W) * triton.cdiv(m, block_x)
+    tiles = triton.cdiv(n, block_w) * triton.cdiv(m, block_x)
     if split > 1:
-        workspace = torch.empty(split * tiles * BLOCK_W * block_x, device=x2d.device, dtype=torch.float32)
+        workspace = torch.empty(split * tiles * block_w * block_x, device=x2d.device, dtype=torch.float32)
         tickets = torch.zeros(tiles, device=x2d.device, dtype=torch.int32)
     else:
         workspace = tickets = out
     nf4_wgmma_kernel[(tiles * split,)](
         x_desc, y_desc, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, offset,
         weight.code_planes, out if bias is None else bias, workspace, tickets, n, k,
-        DOUBLE_QUANT=weight.double_quant, HAS_BIAS=bias is not None, SPLIT=split, STAGES=STAGES, num_warps=8)
+        DOUBLE_QUANT=weight.double_quant, HAS_BIAS=bias is not None, SPLIT=split, STAGES=stages, num_warps=warps)
     return out

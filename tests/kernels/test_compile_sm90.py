@@ -49,7 +49,8 @@ def _compile_all() -> list[dict]:
                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         return {"shared": kernel.metadata.shared}
 
-    def build_wgmma(block_x: int, split: int, dtype: torch.dtype, double_quant: bool, has_bias: bool) -> dict:
+    def build_wgmma(block_x: int, split: int, warps: int, dtype: torch.dtype, double_quant: bool,
+                    has_bias: bool) -> dict:
         """The Gluon kernel (kernels/nf4_wgmma.py), its TMA descriptors described by their type strings;
         its A operand's layout is checked here (convert_layout(assert_trivial=True))."""
         from triton.experimental.gluon import language as gl
@@ -61,17 +62,17 @@ def _compile_all() -> list[dict]:
         rows = torch.empty(256, 4096, dtype=dtype)  # only its dtype, shape and strides are read
         descriptor = {name: mangle_type(TensorDescriptor.from_tensor(
             rows, [block_x, width], gl.NVMMASharedLayout.get_default_for([block_x, width], element)))
-            for name, width in (("x_desc", nf4_wgmma.BLOCK_K), ("y_desc", nf4_wgmma.BLOCK_W))}
+            for name, width in (("x_desc", nf4_wgmma.BLOCK_K), ("y_desc", 16 * warps))}
         types = dict(descriptor, packed_ptr="*u8", absmax_ptr="*u8" if double_quant else "*fp32",
                      nested_absmax_ptr="*fp32", nested_code_ptr="*fp32", offset_ptr="*fp32", code_planes_ptr="*i32",
                      bias_ptr="*" + names[dtype], workspace_ptr="*fp32", tickets_ptr="*i32", N="i32", K="i32")
-        constexprs = dict(DOUBLE_QUANT=double_quant, HAS_BIAS=has_bias, SPLIT=split, STAGES=nf4_wgmma.STAGES)
+        constexprs = dict(DOUBLE_QUANT=double_quant, HAS_BIAS=has_bias, SPLIT=split, STAGES=4)
         fn = nf4_wgmma.nf4_wgmma_kernel
         signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if name not in constexprs and (types[name].startswith("*") or name in ("N", "K"))}
         source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         return {"shared": kernel.metadata.shared}
 
     weight = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, nested_absmax_ptr=torch.float32,
@@ -189,15 +190,14 @@ def _compile_all() -> list[dict]:
                  TILED=quads == 2),
             triton.Config({}, num_warps=warps, num_stages=1))
     if nf4_wgmma.HAVE_GLUON:
-        for block_x, split, dtype, double_quant, has_bias in ((256, 1, torch.bfloat16, True, True),
-                                                              (128, 1, torch.float16, False, False),
-                                                              (128, 4, torch.bfloat16, True, False)):
+        for block_x, split, warps, dtype, double_quant, has_bias in (
+                (256, 1, 8, torch.bfloat16, True, True), (128, 1, 4, torch.float16, False, False),
+                (128, 4, 4, torch.bfloat16, True, False)):
+            label = f"wgmma block_x={block_x} split={split} warps={warps} {dtype} double_quant={double_quant}"
             try:
-                results.append({"label": f"wgmma block_x={block_x} split={split} {dtype} double_quant={double_quant}",
-                                **build_wgmma(block_x, split, dtype, double_quant, has_bias)})
+                results.append({"label": label, **build_wgmma(block_x, split, warps, dtype, double_quant, has_bias)})
             except Exception as error:
-                results.append({"label": f"wgmma block_x={block_x} split={split}",
-                                "error": f"{type(error).__name__}: {str(error)[:400]}"})
+                results.append({"label": label, "error": f"{type(error).__name__}: {str(error)[:400]}"})
     for backward in (False, True):  # q of Llama-3.1-8B at T = 2048: (1, 32, 2048, 128) as a transposed view
         run(f"rotary backward={backward}", rotary._rotary_kernel,
             dict(x_ptr=torch.bfloat16, cos_ptr=torch.bfloat16, sin_ptr=torch.bfloat16, out_ptr=torch.bfloat16,

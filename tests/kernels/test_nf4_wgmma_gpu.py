@@ -23,10 +23,15 @@ def _hopper() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU and Triton's Gluon")]
 
 RTOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3}
-CONFIGS = [WgmmaConfig(128, 1), WgmmaConfig(256, 1), WgmmaConfig(128, 2), WgmmaConfig(128, 3)]
+CONFIGS = [WgmmaConfig(128, 1), WgmmaConfig(256, 1), WgmmaConfig(128, 2), WgmmaConfig(128, 3, warps=4),
+           WgmmaConfig(128, 1, warps=4, stages=3), WgmmaConfig(256, 1, warps=4, stages=2)]
 # (M, N, K): N not a multiple of 128 (2064 = 16 x 129, 1040), an odd number of 64-column steps (576: 9,
 # 192: 3), M not a multiple of the tile, one row, one step.
 SHAPES = [(77, 2064, 576), (300, 1040, 512), (1, 128, 192), (257, 336, 64 * 7), (129, 4096, 4096)]
+
+
+def _name(config: WgmmaConfig) -> str:
+    return f"x{config.block_x}-split{config.split}-warps{config.warps}-stages{config.stages}"
 
 
 def _tiled_weight(n_rows, n_cols, double_quant=True):
@@ -35,7 +40,7 @@ def _tiled_weight(n_rows, n_cols, double_quant=True):
     return tiled, kernels.prepare(tiled, state, tiled=True), reference.dequantize_nf4(packed, state, torch.float32)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=_name)
 @pytest.mark.parametrize("m,n_rows,n_cols", SHAPES)
 def test_wgmma_matches_the_reference(config, m, n_rows, n_cols):
     if not 1 <= config.split <= n_cols // 64 or (config.split - 1) * -(-(n_cols // 64) // config.split) >= n_cols // 64:
@@ -47,7 +52,7 @@ def test_wgmma_matches_the_reference(config, m, n_rows, n_cols):
     assert_matmul_close(got, x, weight.T, bias, RTOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("config", [WgmmaConfig(256, 1), WgmmaConfig(128, 4)], ids=str)
+@pytest.mark.parametrize("config", [WgmmaConfig(256, 1), WgmmaConfig(128, 4, warps=4)], ids=_name)
 def test_wgmma_float16_without_double_quant(config):
     packed, state, weight = _tiled_weight(1040, 1024, double_quant=False)
     x = torch.randn(200, 1024, device="cuda", dtype=torch.float16)
@@ -60,9 +65,10 @@ def test_split_sums_are_the_same_every_call():
     first does not change a bit of y."""
     packed, state, _ = _tiled_weight(512, 4096)
     x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16)
-    first = nf4_matmul.matmul_nf4_wgmma(x, packed, state, None, WgmmaConfig(128, 8))
-    for _ in range(20):
-        assert torch.equal(nf4_matmul.matmul_nf4_wgmma(x, packed, state, None, WgmmaConfig(128, 8)), first)
+    for config in (WgmmaConfig(128, 8), WgmmaConfig(128, 8, warps=4)):
+        first = nf4_matmul.matmul_nf4_wgmma(x, packed, state, None, config)
+        for _ in range(20):
+            assert torch.equal(nf4_matmul.matmul_nf4_wgmma(x, packed, state, None, config), first)
 
 
 def test_unaligned_x_and_leading_dims():

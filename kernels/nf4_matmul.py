@@ -97,9 +97,9 @@ from kernels.nf4_mma_t import MMA_T_M_MAX, MmaTConfig, mma_gemv_t, mma_t_fits
 from kernels.nf4_tiles import NF4Weight, interpreting, nf4_tile, nf4_weight, on_device, split_range, store_output
 from kernels.nf4_wgmma import WgmmaConfig, split_fits, wgmma_fits, wgmma_matmul
 
-__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_wgmma", "matmul_nf4_gemv", "matmul_nf4_small_m", "matmul_nf4_fused",
-           "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_mma", "matmul_nf4_t_small_m", "matmul_nf4_t_fused",
-           "matmul_nf4_t_dequantize", "split_for_small_m"]
+__all__ = ["matmul_nf4", "matmul_nf4_mma", "matmul_nf4_wgmma", "matmul_nf4_gemv", "matmul_nf4_small_m",
+           "matmul_nf4_fused", "matmul_nf4_dequantize", "matmul_nf4_t", "matmul_nf4_t_mma", "matmul_nf4_t_small_m",
+           "matmul_nf4_t_fused", "matmul_nf4_t_dequantize", "split_for_small_m"]
 
 # Dispatch (see the module docstring). Set from H100 measurements.
 SMALL_M_MAX = GEMV_M_MAX      # M at or below: the streaming kernel

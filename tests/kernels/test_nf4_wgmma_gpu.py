@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from kernels import nf4_matmul, reference
-from kernels.nf4_wgmma import HAVE_GLUON, WgmmaConfig
+from kernels.nf4_wgmma import HAVE_GLUON, WgmmaConfig, split_fits
 from tests.kernels.nf4_inputs import assert_matmul_close, random_nf4
 
 
@@ -43,7 +43,7 @@ def _tiled_weight(n_rows, n_cols, double_quant=True):
 @pytest.mark.parametrize("config", CONFIGS, ids=_name)
 @pytest.mark.parametrize("m,n_rows,n_cols", SHAPES)
 def test_wgmma_matches_the_reference(config, m, n_rows, n_cols):
-    if not 1 <= config.split <= n_cols // 64 or (config.split - 1) * -(-(n_cols // 64) // config.split) >= n_cols // 64:
+    if not split_fits(config.split, n_cols):
         pytest.skip("that split leaves a part of K empty")
     packed, state, weight = _tiled_weight(n_rows, n_cols)
     x = torch.randn(m, n_cols, device="cuda", dtype=torch.bfloat16)

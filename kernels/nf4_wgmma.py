@@ -147,8 +147,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step_words(words_ptr, word_at, step):
-        """The code words of a step (word_at: int32 word offsets at step 0): a band's 64 columns are 128
-        words of tiled codes (kernels/nf4_tiles.py Note [tiled codes])."""
+        """The code words of a step (word_at: int64 offsets in 32-bit words, at step 0): a band's 64
+        columns are 128 words of tiled codes (kernels/nf4_tiles.py Note [tiled codes])."""
         return gl.load(words_ptr + (word_at + step * 128))
 
     @gluon.jit

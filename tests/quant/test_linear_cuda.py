@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import quant
+from kernels.nf4_mma import MMA_M_MAX
 from quant.linear import _on_kernels
 
 pytestmark = pytest.mark.gpu
@@ -32,12 +33,20 @@ def test_cuda_forward_and_backward_match_the_reference(m, shape, dtype):
     assert torch.equal(layer.dequantize(dtype), w_ref.to(dtype))
 
 
+def _same_product(got: torch.Tensor, want: torch.Tensor, m: int) -> bool:
+    """Bit for bit up to MMA_M_MAX rows of x, where both layouts take the same kernel; above, tiled codes
+    may take the wgmma kernel on Hopper (kernels/nf4_wgmma.py), which rounds W differently."""
+    if m <= MMA_M_MAX:
+        return torch.equal(got, want)
+    return bool((got.double() - want.double()).norm() / want.double().norm() < 1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_tiled_codes_compute_the_same_and_save_rows(m):
-    """quant/linear.py Note [tiled codes on the GPU]: tiled by default; the same outputs and gradients
-    bit for bit as in rows, the same state dict, rows again off the GPU, and the choice kept across a
-    load and a move."""
+    """quant/linear.py Note [tiled codes on the GPU]: tiled by default; the same gradients bit for bit as
+    in rows, and the same outputs (bit for bit up to MMA_M_MAX rows, where both layouts take the same
+    kernel), the same state dict, rows again off the GPU, and the choice kept across a load and a move."""
     weight = torch.randn(256, 320, device="cuda") * 0.05
     rows = quant.Linear4bit.from_weight(weight, torch.randn(256, device="cuda"))
     assert rows.codes_tiled and not rows.tile_codes(False) and not rows.codes_tiled
@@ -51,7 +60,8 @@ def test_tiled_codes_compute_the_same_and_save_rows(m):
         y.float().square().sum().backward()
         layer.out, layer.grad = y.detach(), x.grad.clone()
         x.grad = None
-    assert torch.equal(tiled.out, rows.out) and torch.equal(tiled.grad, rows.grad)
+    assert torch.equal(tiled.grad, rows.grad)
+    assert _same_product(tiled.out, rows.out, m)
     assert torch.equal(tiled.dequantize(torch.float32), rows.dequantize(torch.float32))
     w_ref = quant.dequantize_4bit(codes, rows.quant_state, dtype=torch.float32)
     assert torch.equal(tiled.dequantize(torch.float32), w_ref)  # the kernel on tiles, no untiled copy
@@ -62,7 +72,7 @@ def test_tiled_codes_compute_the_same_and_save_rows(m):
     tiled.cpu()
     assert not tiled.codes_tiled and torch.equal(tiled.weight, codes.cpu())
     tiled.cuda()
-    assert tiled.codes_tiled and torch.equal(tiled(x), rows(x))
+    assert tiled.codes_tiled and _same_product(tiled(x), rows(x), m)
     assert not tiled.tile_codes(False) and torch.equal(tiled.weight, codes)
     rows.cpu().cuda()
     assert not rows.codes_tiled and torch.equal(rows.weight, codes)

@@ -46,9 +46,17 @@ def _pytest(node_ids: list[str], log) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "300"})
 
 
-def failed_ids(lines: list[str]) -> list[str]:
-    """The node ids of pytest's short summary lines `FAILED id - message` and `ERROR id - message`."""
-    return [line.split()[1] for line in lines if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1]
+def failed_ids(lines: list[str], node_ids: list[str]) -> list[str | None]:
+    """For each of pytest's short summary lines `FAILED id - message` and `ERROR id - message`, the node id
+    of node_ids it names, or None (a collection error, say). An id may hold spaces (a parametrize id made
+    by str()), so a line is matched against the ids, the longest first, not split at its first space."""
+    by_length = sorted(node_ids, key=len, reverse=True)
+    named = []
+    for line in lines:
+        if line.startswith(("FAILED ", "ERROR ")):
+            rest = line.split(" ", 1)[1]
+            named.append(next((i for i in by_length if rest == i or rest.startswith(i + " ")), None))
+    return named
 
 
 def _report(lines: list[str]) -> None:
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             log = open(os.path.join(folder, f"share{i}.txt"), "w+")
             running.append((_pytest(group, log), log))
         again, broken = [], False
-        for i, (process, log) in enumerate(running):
+        for i, ((process, log), group) in enumerate(zip(running, groups)):
             status = process.wait()
             log.seek(0)
             lines = log.read().splitlines()
@@ -77,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"share {i}: {lines[-1] if lines else '(no output)'}")
             if status not in (0, 5):  # 5: nothing ran
                 _report(lines)
-                again += failed_ids(lines)
-                broken |= not failed_ids(lines)  # pytest failed without naming a test
+                named = failed_ids(lines, group)
+                again += [i for i in named if i is not None]
+                broken |= not named or None in named  # pytest failed without naming a test it ran
         if broken:
             return 1
         if not again:

@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.run_gpu import shares
+from tests.run_gpu import failed_ids, shares
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +54,27 @@ def test_a_test_that_fails_only_beside_the_others_passes_alone(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED test_some.py::test_flaky - AssertionError: out of memory" in done.stdout
     assert "1 failed beside the others; again, alone:\n1 passed" in done.stdout
+
+
+def test_failed_ids_with_spaces_are_found_and_rerun(tmp_path):
+    """A parametrize id made by str() holds spaces and brackets; the failed test is still named and run
+    again alone (before, the id was cut at its first space and pytest could not find it)."""
+    (tmp_path / "test_some.py").write_text(
+        "import pathlib\nimport pytest\npytestmark = pytest.mark.gpu\n\n"
+        "@pytest.mark.parametrize('config', [(128, 2), (256, 1)], ids=str)\n"
+        "def test_config(config):\n"
+        "    mark = pathlib.Path(__file__).with_name(f'ran_{config[0]}')\n"
+        "    first = not mark.exists()\n"
+        "    mark.touch()\n"
+        "    assert not (first and config[0] == 128), 'out of memory'\n")
+    done = _run(tmp_path, "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAILED test_some.py::test_config[(128, 2)] - AssertionError: out of memory" in done.stdout
+    assert "1 failed beside the others; again, alone:\n1 passed" in done.stdout
+
+
+def test_failed_ids_match_the_longest_id_and_mark_unknown_lines():
+    ids = ["t.py::f[a]", "t.py::f[a b]", "t.py::g"]
+    lines = ["FAILED t.py::f[a b] - boom", "ERROR t.py::g", "FAILED t.py::f[a] - x - y", "ERROR t.py - ImportError",
+             "passed"]
+    assert failed_ids(lines, ids) == ["t.py::f[a b]", "t.py::g", "t.py::f[a]", None]

@@ -39,15 +39,19 @@ def test_a_failing_gpu_test_fails_the_run_and_is_named(tmp_path):
     assert "4 tests in 3 processes" in passing.stdout
 
 
+def _first_run(mark: str) -> str:
+    """Test-body lines setting `first`: True the first time the test runs (a file named `mark` beside it)."""
+    return (f"    mark = pathlib.Path(__file__).with_name({mark})\n"
+            "    first = not mark.exists()\n"
+            "    mark.touch()\n")
+
+
 def test_a_test_that_fails_only_beside_the_others_passes_alone(tmp_path):
     """The first run of test_flaky fails (as under another process's memory pressure), the rerun alone
     passes: the run passes, and says so."""
     (tmp_path / "test_some.py").write_text(
         "import pathlib\nimport pytest\npytestmark = pytest.mark.gpu\n\n"
-        "def test_flaky():\n"
-        "    mark = pathlib.Path(__file__).with_name('ran_once')\n"
-        "    first = not mark.exists()\n"
-        "    mark.touch()\n"
+        "def test_flaky():\n" + _first_run("'ran_once'") +
         "    assert not first, 'out of memory'\n\n"
         "def test_passes():\n    pass\n")
     done = _run(tmp_path, "--jobs", "2")
@@ -62,10 +66,7 @@ def test_failed_ids_with_spaces_are_found_and_rerun(tmp_path):
     (tmp_path / "test_some.py").write_text(
         "import pathlib\nimport pytest\npytestmark = pytest.mark.gpu\n\n"
         "@pytest.mark.parametrize('config', [(128, 2), (256, 1)], ids=str)\n"
-        "def test_config(config):\n"
-        "    mark = pathlib.Path(__file__).with_name(f'ran_{config[0]}')\n"
-        "    first = not mark.exists()\n"
-        "    mark.touch()\n"
+        "def test_config(config):\n" + _first_run("f'ran_{config[0]}'") +
         "    assert not (first and config[0] == 128), 'out of memory'\n")
     done = _run(tmp_path, "--jobs", "2")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -307,12 +307,18 @@ def _check_bias(bias: torch.Tensor | None, n_out: int, device) -> None:
         raise ValueError(f"matmul_nf4: bias is on {bias.device}, the input is on {device}")
 
 
+def _forward_input(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, name: str) -> torch.Tensor:
+    """x as a checked (M, K) view for x @ W.T, the bias checked too; `name` heads the errors."""
+    x2d = _flat_input(x, weight.n_cols, name, "in_features of the NF4 weight")
+    _check_bias(bias, weight.n_rows, x.device)
+    return x2d
+
+
 def _forward(x, packed, state, bias, split, kernel_kind: str, lookup: str | None = None) -> torch.Tensor:
     """Launch x @ W.T on kernel_kind "gemv" (M <= GEMV_M_MAX), "small" or "large" (tensor-core tiles).
     lookup: the GEMV's code lookup (kernels/nf4_gemv.py); None: _gemv_lookup's choice."""
     weight = nf4_weight(packed, state, x.device)
-    x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
-    _check_bias(bias, weight.n_rows, x.device)
+    x2d = _forward_input(x, weight, bias, "matmul_nf4")
     m, n, k = x2d.shape[0], weight.n_rows, weight.n_cols
     if kernel_kind == "gemv":
         if not _gemv_fits(weight):
@@ -395,17 +401,13 @@ def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     weight = nf4_weight(packed, state, x.device)
     m = math.prod(x.shape[:-1])
     if m <= MMA_M_MAX and _mma_runs(x, weight):
-        x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
-        _check_bias(bias, weight.n_rows, x.device)
-        y = _mma_forward(x2d, weight, bias, None)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
+        y = _mma_forward(_forward_input(x, weight, bias, "matmul_nf4"), weight, bias, None)
+        return y.view(*x.shape[:-1], weight.n_rows)
     if m <= SMALL_M_MAX and _gemv_fits(weight):
         return matmul_nf4_gemv(x, packed, weight, bias)
     if m <= WGMMA_M_MAX and _wgmma_runs(x, weight):
-        x2d = _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
-        _check_bias(bias, weight.n_rows, x.device)
-        y = _medium_m_forward(x2d, packed, weight, bias)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
+        y = _medium_m_forward(_forward_input(x, weight, bias, "matmul_nf4"), packed, weight, bias)
+        return y.view(*x.shape[:-1], weight.n_rows)
     if not weight.whole_blocks:
         return matmul_nf4_dequantize(x, packed, weight, bias)
     return _LARGE_M[LARGE_M_STRATEGY][0](x, packed, weight, bias)
@@ -426,8 +428,7 @@ def matmul_nf4_mma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Ten
     CUDA, W with blocksize % 32 == 0 and K % blocksize == 0. config: None times nf4_mma's configs
     once per shape and keeps the fastest."""
     weight = nf4_weight(packed, state, x.device)
-    x2d = _flat_input(x, weight.n_cols, "matmul_nf4_mma", "in_features of the NF4 weight")
-    _check_bias(bias, weight.n_rows, x.device)
+    x2d = _forward_input(x, weight, bias, "matmul_nf4_mma")
     if not _mma_runs(x, weight):
         raise ValueError(f"matmul_nf4_mma: needs float16 or bfloat16 x on CUDA (got {x.dtype} on {x.device}), "
                          f"blocksize % 32 == 0 and K % blocksize == 0 (got blocksize {weight.blocksize}, "
@@ -460,8 +461,7 @@ def matmul_nf4_wgmma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.T
     codes of 64-column blocks, 16-bit x). config None: the fastest of _wgmma_candidates, timed once per
     shape and power-of-two range of M."""
     weight = nf4_weight(packed, state, x.device)
-    x2d = _flat_input(x, weight.n_cols, "matmul_nf4_wgmma", "in_features of the NF4 weight")
-    _check_bias(bias, weight.n_rows, x.device)
+    x2d = _forward_input(x, weight, bias, "matmul_nf4_wgmma")
     if not _wgmma_runs(x, weight):
         raise ValueError(f"matmul_nf4_wgmma: needs 16-bit x on a Hopper GPU (got {x.dtype} on {x.device}), tiled "
                          f"codes (got tiled={weight.tiled}) with blocksize 64 (got {weight.blocksize}) and K % 64 == 0 "
@@ -470,8 +470,7 @@ def matmul_nf4_wgmma(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.T
     if config is None:
         config = _medium_m_choice(x2d, packed, weight, bias, wgmma_only=True)
     with on_device(x.device):
-        y = wgmma_matmul(x2d, weight, bias, config)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.n_rows)
+        return wgmma_matmul(x2d, weight, bias, config).view(*x.shape[:-1], weight.n_rows)
 
 
 def _wgmma_runs(x: torch.Tensor, weight: NF4Weight) -> bool:
@@ -564,9 +563,7 @@ def matmul_nf4_fused(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.T
 def matmul_nf4_dequantize(x: torch.Tensor, packed: torch.Tensor, state,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """The other large-M strategy: W to a scratch buffer in x's dtype, then cuBLAS."""
-    weight = nf4_weight(packed, state, x.device)
-    _flat_input(x, weight.n_cols, "matmul_nf4", "in_features of the NF4 weight")
-    _check_bias(bias, weight.n_rows, x.device)
+    _forward_input(x, nf4_weight(packed, state, x.device), bias, "matmul_nf4")
     return F.linear(x, dequantize_nf4(packed, state, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
